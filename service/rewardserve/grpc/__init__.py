@@ -1,0 +1,1 @@
+"""gRPC transport (grpc.aio): servicers, conversion, server. No model logic lives here."""

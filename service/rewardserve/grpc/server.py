@@ -1,0 +1,49 @@
+"""The grpc.aio server: RewardService, the standard health service and reflection."""
+
+from __future__ import annotations
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from rewardserve.config import Settings
+from rewardserve.engine.engine import ScoringEngine
+from rewardserve.grpc.auth import ApiKeyInterceptor
+from rewardserve.grpc.servicers import RewardServicer
+from rewardserve.v1 import scoring_pb2, scoring_pb2_grpc
+
+SERVICE_NAME = scoring_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name
+
+
+class GrpcServer:
+    def __init__(self, settings: Settings, engine: ScoringEngine) -> None:
+        self.settings, self.engine = settings, engine
+        self.server = grpc.aio.server(
+            interceptors=[ApiKeyInterceptor(settings.key_scopes())],
+            options=[
+                ("grpc.max_receive_message_length", settings.max_body_bytes),
+                ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            ],
+        )
+        scoring_pb2_grpc.add_RewardServiceServicer_to_server(RewardServicer(engine), self.server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
+        self.port = self.server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+
+    async def start(self) -> None:
+        await self.server.start()
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        await self.server.stop(grace)

@@ -1,0 +1,95 @@
+"""RewardService: each RPC converts, calls the engine, converts back."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+
+from rewardserve import metrics
+from rewardserve.engine.engine import ScoringEngine
+from rewardserve.grpc import convert
+from rewardserve.schemas.errors import Overloaded, ServiceError
+from rewardserve.v1 import scoring_pb2 as pb
+from rewardserve.v1 import scoring_pb2_grpc as pb_grpc
+
+
+async def abort_with(context: grpc.aio.ServicerContext, err: ServiceError) -> None:
+    """The REST error shape as a gRPC status; field and retry hint go in trailing metadata."""
+    trailers: list[tuple[str, str]] = [("error-code", err.code)]
+    if err.field:
+        trailers.append(("error-field", err.field))
+    if isinstance(err, Overloaded):
+        trailers.append(("retry-after", str(max(1, round(err.retry_after_s)))))
+    context.set_trailing_metadata(tuple(trailers))
+    await context.abort(grpc.StatusCode[err.grpc_status], err.message)
+
+
+def _timeout(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return remaining if remaining is not None and remaining > 0 else None
+
+
+class RewardServicer(pb_grpc.RewardServiceServicer):
+    def __init__(self, engine: ScoringEngine) -> None:
+        self.engine = engine
+
+    async def _score(
+        self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ScoreResponse:
+        req = convert.score_request(request)
+        return convert.score_response(await self.engine.score(req, _timeout(context)))
+
+    async def Score(
+        self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ScoreResponse:
+        started, code = time.perf_counter(), "OK"
+        try:
+            return await self._score(request, context)
+        except ServiceError as e:
+            code = e.grpc_status
+            await abort_with(context, e)
+            raise  # unreachable: abort raises
+        finally:
+            metrics.REQUESTS.labels("grpc", "Score", code).inc()
+            metrics.LATENCY.labels("grpc", "Score").observe(time.perf_counter() - started)
+
+    async def ScoreStream(
+        self, request_iterator: AsyncIterator[pb.ScoreRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ScoreResponse]:
+        """Requests are scored concurrently as they arrive; responses keep request order.
+        The first bad request ends the stream with its status."""
+        inflight: asyncio.Queue[asyncio.Task[pb.ScoreResponse] | None] = asyncio.Queue(maxsize=64)
+
+        async def read() -> None:
+            try:
+                async for req in request_iterator:
+                    await inflight.put(asyncio.create_task(self._score(req, context)))
+            finally:
+                await inflight.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (task := await inflight.get()) is not None:
+                try:
+                    response = await task
+                except ServiceError as e:
+                    metrics.REQUESTS.labels("grpc", "ScoreStream", e.grpc_status).inc()
+                    await abort_with(context, e)
+                metrics.REQUESTS.labels("grpc", "ScoreStream", "OK").inc()
+                yield response
+        finally:
+            reader.cancel()
+            while not inflight.empty():
+                if (t := inflight.get_nowait()) is not None:
+                    t.cancel()
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        metrics.REQUESTS.labels("grpc", "ListModels", "OK").inc()
+        return pb.ListModelsResponse(
+            models=[convert.model_info(m) for m in self.engine.list_models()]
+        )

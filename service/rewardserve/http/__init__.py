@@ -1,0 +1,1 @@
+"""REST transport: FastAPI app, routers and middleware. No model logic lives here."""

@@ -1,0 +1,42 @@
+"""build_app: the FastAPI application with the engine on app.state."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from rewardserve import __version__
+from rewardserve.config import Settings
+from rewardserve.engine.engine import ScoringEngine
+from rewardserve.http.errors import install_error_handlers
+from rewardserve.http.middleware import BodyGuard, Metrics
+from rewardserve.http.routers import compat, health, models, scoring
+
+
+def build_app(settings: Settings, engine: ScoringEngine | None = None) -> FastAPI:
+    """The REST app. Without an engine, the lifespan builds and starts one from settings;
+    with one (shared with gRPC), its owner starts and closes it."""
+    owns_engine = engine is None
+    eng = engine or ScoringEngine(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if owns_engine:
+            await eng.start()
+        try:
+            yield
+        finally:
+            if owns_engine:
+                await eng.close()
+
+    app = FastAPI(title="rewardserve", version=__version__, lifespan=lifespan)
+    app.state.engine = eng
+    app.state.api_keys = settings.key_scopes()
+    install_error_handlers(app)
+    for module in (health, scoring, models, compat):
+        app.include_router(module.router)
+    app.add_middleware(BodyGuard, limit=settings.max_body_bytes)
+    app.add_middleware(Metrics)
+    return app

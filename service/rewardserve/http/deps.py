@@ -1,0 +1,28 @@
+"""Small request helpers shared by routers."""
+
+from __future__ import annotations
+
+from fastapi import Request
+
+from rewardserve.engine.engine import ScoringEngine
+from rewardserve.schemas.errors import InvalidArgument
+
+TIMEOUT_HEADER = "x-request-timeout"
+
+
+def engine(request: Request) -> ScoringEngine:
+    return request.app.state.engine
+
+
+def timeout_s(request: Request) -> float | None:
+    """Client deadline in seconds from the X-Request-Timeout header, if given."""
+    raw = request.headers.get(TIMEOUT_HEADER)
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise InvalidArgument(f"'{raw}' is not a number of seconds", field=TIMEOUT_HEADER) from None
+    if not 0 < value <= 3600:
+        raise InvalidArgument("must be in (0, 3600] seconds", field=TIMEOUT_HEADER)
+    return value

@@ -1,0 +1,54 @@
+"""Every failure as the one JSON error shape; never a bare 500 for bad input."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from rewardserve.schemas.errors import (
+    InvalidArgument,
+    NotFound,
+    Overloaded,
+    ServiceError,
+    from_validation_errors,
+)
+
+log = logging.getLogger(__name__)
+
+
+def error_response(err: ServiceError) -> JSONResponse:
+    headers = {}
+    if isinstance(err, Overloaded):
+        headers["Retry-After"] = str(max(1, round(err.retry_after_s)))
+    return JSONResponse(err.body().model_dump(), status_code=err.http_status, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def _service(_: Request, err: ServiceError) -> JSONResponse:
+        return error_response(err)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, err: RequestValidationError) -> JSONResponse:
+        errors = list(err.errors())
+        if errors and errors[0].get("type") == "json_invalid":
+            return error_response(InvalidArgument("request body is not valid JSON", field="body"))
+        if errors and errors[0].get("type") == "missing" and tuple(errors[0]["loc"]) == ("body",):
+            return error_response(InvalidArgument("request body is missing", field="body"))
+        return error_response(from_validation_errors(errors))
+
+    @app.exception_handler(HTTPException)
+    async def _http(_: Request, err: HTTPException) -> JSONResponse:
+        if err.status_code == 404:
+            return error_response(NotFound("no such route"))
+        body = {"error": {"code": "http_error", "message": str(err.detail), "field": None}}
+        return JSONResponse(body, status_code=err.status_code, headers=err.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, err: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return error_response(ServiceError(f"internal error: {type(err).__name__}"))

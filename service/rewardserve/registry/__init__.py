@@ -1,0 +1,1 @@
+"""Model repository: manifests, loading and the set of models being served."""

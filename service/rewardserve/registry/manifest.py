@@ -1,0 +1,139 @@
+"""The `model.yaml` manifest of one hosted model, validated with pydantic."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+MANIFEST_NAME = "model.yaml"
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be served; the message names the file and the field."""
+
+    def __init__(self, path: Path | str, field: str, message: str) -> None:
+        self.path, self.field = str(path), field
+        super().__init__(f"{path}: field '{field}': {message}")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Source(_Strict):
+    """Where the weights are. Paths are relative and may not leave their base folder."""
+
+    kind: Literal["repository", "cache", "package"]
+    """repository: inside the model's own folder; cache: inside the model cache;
+    package: inside an installed Python package."""
+    path: str = "."
+    package: str | None = None
+    """Import name of the package, for kind=package."""
+    gguf_file: str | None = None
+    """A GGUF file inside the folder, loaded (dequantized) through transformers."""
+
+    @model_validator(mode="after")
+    def _check(self) -> Source:
+        if self.kind == "package" and not self.package:
+            raise ValueError("kind 'package' needs 'package'")
+        for part in (self.path, self.gguf_file or ""):
+            p = Path(part)
+            if p.is_absolute() or ".." in p.parts:
+                raise ValueError(f"'{part}' must be a relative path that stays inside its base")
+        return self
+
+
+class Head(_Strict):
+    format: Literal["sequence_classification", "openrlhf"] = "sequence_classification"
+    """sequence_classification: AutoModelForSequenceClassification with num_labels=1 (TRL,
+    Skywork). openrlhf: AutoModel backbone + linear value head, reward at the last non-pad
+    token."""
+    value_head_prefix: str = "score"
+    """openrlhf only: attribute name of the value head in the checkpoint."""
+
+
+class Normalization(_Strict):
+    mean: float = 0.0
+    std: float = Field(1.0, gt=0)
+
+
+class ModelManifest(_Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    kind: Literal["reward", "policy"]
+    source: Source
+    description: str = ""
+    head: Head = Head()
+    max_length: int = Field(512, ge=8, le=131072)
+    truncation_side: Literal["left", "right"] = "left"
+    """left keeps the end of the response (the part a reward model judges); right keeps the
+    start."""
+    chat_template: bool = False
+    """Render chat messages with the tokenizer's chat template; otherwise as HH-RLHF text
+    ("\\n\\nHuman: ...\\n\\nAssistant: ...")."""
+    normalization: Normalization | None = None
+    """Reward mean/std; when absent they are read from the weights' config.json (mean, std),
+    as OpenRLHF and `rewardserve train-rm` write them, else 0 and 1."""
+    dtype: Literal["float32", "bfloat16", "int8"] = "float32"
+    """int8: torch dynamic quantization of the Linear layers (CPU)."""
+    trust_remote_code: bool = False
+    default: bool = False
+    """Serve this reward model when a request names none."""
+
+
+def _describe(err: ValidationError) -> tuple[str, str]:
+    first = err.errors()[0]
+    field = ".".join(str(p) for p in first["loc"]) or "(root)"
+    return field, first["msg"]
+
+
+def load_manifest(folder: Path) -> ModelManifest:
+    path = folder / MANIFEST_NAME
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ManifestError(path, "(file)", "missing") from None
+    except yaml.YAMLError as e:
+        raise ManifestError(path, "(file)", f"not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ManifestError(path, "(root)", "must be a mapping")
+    try:
+        manifest = ModelManifest.model_validate(raw)
+    except ValidationError as e:
+        raise ManifestError(path, *_describe(e)) from None
+    if manifest.name != folder.name:
+        raise ManifestError(
+            path, "name", f"'{manifest.name}' must match its folder '{folder.name}'"
+        )
+    return manifest
+
+
+def _confined(base: Path, rel: str, path: Path, field: str) -> Path:
+    base = base.resolve()
+    target = (base / rel).resolve()
+    if not target.is_relative_to(base):
+        raise ManifestError(path, field, f"'{rel}' leaves {base}")
+    return target
+
+
+def resolve_source(manifest: ModelManifest, model_folder: Path, cache_dir: Path) -> Path:
+    """The folder holding the weights, confined to its base (symlinks resolved)."""
+    src = manifest.source
+    where = model_folder / MANIFEST_NAME
+    if src.kind == "repository":
+        base = model_folder
+    elif src.kind == "cache":
+        base = cache_dir
+    else:
+        spec = importlib.util.find_spec(src.package or "")
+        if spec is None or not spec.submodule_search_locations:
+            raise ManifestError(where, "source.package", f"package '{src.package}' not installed")
+        base = Path(next(iter(spec.submodule_search_locations)))
+    folder = _confined(base, src.path, where, "source.path")
+    if src.gguf_file:
+        _confined(folder, src.gguf_file, where, "source.gguf_file")
+    return folder

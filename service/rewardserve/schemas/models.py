@@ -1,0 +1,28 @@
+"""Model listing and admin load/unload."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, StrictStr
+
+
+class ModelInfo(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    kind: Literal["reward", "policy"]
+    status: Literal["loaded", "available", "error"]
+    default: bool = False
+    max_length: int
+    description: str = ""
+    error: str | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelInfo]
+
+
+class LoadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: StrictStr

@@ -1,0 +1,70 @@
+"""Score requests and results."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
+
+NonEmpty = Field(min_length=1)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant"]
+    content: StrictStr = NonEmpty
+
+
+class ScoreItem(BaseModel):
+    """One thing to score, in exactly one of three forms."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: StrictStr | None = None
+    """With `response`: the conversation so far (may be empty)."""
+    response: StrictStr | None = Field(None, min_length=1)
+    """With `prompt`: the reply to judge."""
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    """A chat, rendered with the model's chat template (or as HH text)."""
+    text: StrictStr | None = Field(None, min_length=1)
+    """Raw text, scored as it is."""
+
+    @model_validator(mode="after")
+    def _one_form(self) -> ScoreItem:
+        forms = [self.response is not None, self.messages is not None, self.text is not None]
+        if sum(forms) != 1:
+            raise ValueError("give exactly one of: prompt+response, messages, text")
+        if self.response is not None and self.prompt is None:
+            raise ValueError("'response' needs 'prompt' (use '' for none)")
+        if self.prompt is not None and self.response is None:
+            raise ValueError("'prompt' needs 'response'")
+        return self
+
+
+class ScoreRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: StrictStr | None = None
+    """Reward model name (GET /v1/models); the default one when absent."""
+    items: list[ScoreItem] = Field(min_length=1)
+
+
+class ScoreResult(BaseModel):
+    index: int
+    reward: float
+    """Raw model output."""
+    normalized_reward: float
+    """(reward - mean) / std with the model's reward statistics."""
+    truncated: bool
+    """The input was longer than the model's max_length; its start was cut."""
+    tokens: int
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class ScoreResponse(BaseModel):
+    model: str
+    results: list[ScoreResult]
+    usage: Usage
