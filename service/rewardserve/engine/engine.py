@@ -22,7 +22,7 @@ from rewardserve.engine.batcher import Batcher, BatchLimits
 from rewardserve.engine.inputs import Encoded, join_pair, render_hh
 from rewardserve.engine.scorer import RewardScorer
 from rewardserve.registry.loader import load_reward_model
-from rewardserve.registry.manifest import ModelManifest
+from rewardserve.registry.manifest import ManifestError, ModelManifest, resolve_source
 from rewardserve.registry.repository import Entry, scan_repository
 from rewardserve.schemas.errors import InvalidArgument, NotFound, Unavailable
 from rewardserve.schemas.models import ModelInfo
@@ -53,6 +53,7 @@ class ScoringEngine:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
         self._admin_lock = asyncio.Lock()
         self.started = False
+        self.expected: list[str] = []
         self.limits = BatchLimits(
             max_batch_tokens=settings.max_batch_tokens,
             max_batch_size=settings.max_batch_size,
@@ -64,16 +65,28 @@ class ScoringEngine:
     # ---- lifecycle -------------------------------------------------------------------
 
     def startup_models(self) -> list[str]:
+        """--models, else every reward model whose weights are present (missing ones are
+        logged: `make models` builds them)."""
         if self.settings.models:
             return list(self.settings.models)
-        return [
-            name
-            for name, e in self.entries.items()
-            if e.manifest is not None and e.manifest.kind == "reward"
-        ]
+        names = []
+        for name, e in self.entries.items():
+            if e.manifest is None or e.manifest.kind != "reward":
+                continue
+            try:
+                present = resolve_source(e.manifest, e.folder, self.settings.cache_dir).is_dir()
+            except ManifestError as err:
+                log.error("not loading %s: %s", name, err)
+                continue
+            if present:
+                names.append(name)
+            else:
+                log.warning("not loading %s: its weights are not built (run `make models`)", name)
+        return names
 
     async def start(self) -> None:
-        for name in self.startup_models():
+        self.expected = self.startup_models()
+        for name in self.expected:
             await self.load(name)
         self.started = True
 
@@ -84,7 +97,7 @@ class ScoringEngine:
 
     @property
     def ready(self) -> bool:
-        return self.started and all(n in self.models for n in self.startup_models())
+        return self.started and all(n in self.models for n in self.expected)
 
     async def load(self, name: str) -> ModelInfo:
         async with self._admin_lock:

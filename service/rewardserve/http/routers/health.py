@@ -21,7 +21,7 @@ async def healthz() -> dict[str, str]:
 async def readyz(request: Request) -> JSONResponse:
     """200 once every start-up model is loaded; 503 before."""
     eng = engine(request)
-    body = {"ready": eng.ready, "loaded": sorted(eng.models), "expected": eng.startup_models()}
+    body = {"ready": eng.ready, "loaded": sorted(eng.models), "expected": eng.expected}
     return JSONResponse(body, status_code=200 if eng.ready else 503)
 
 
