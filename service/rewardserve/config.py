@@ -7,7 +7,9 @@ flag's help text.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -15,6 +17,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Scope = Literal["score", "admin"]
+SCOPES = ("score", "admin")
 
 
 def default_cache_dir() -> Path:
@@ -97,11 +100,23 @@ class Settings(BaseSettings):
 
     @field_validator("api_keys", "models", mode="before")
     @classmethod
-    def _split_commas(cls, v: object) -> object:
-        # Env vars arrive as one string: entries are separated by ";".
-        if isinstance(v, str):
-            return [s.strip() for s in v.split(";") if s.strip()]
-        return v
+    def _split_list(cls, v: object) -> object:
+        # Env vars and flags arrive as one string: a JSON list, or entries separated by ";"
+        # (repeated flags are joined with "," by pydantic-settings).
+        if not isinstance(v, str):
+            return v
+        if v.lstrip().startswith("["):
+            return json.loads(v)
+        entries: list[str] = []
+        for token in (t.strip() for t in re.split(r"[;,]", v)):
+            if not token:
+                continue
+            # "key:score,admin": a bare scope name continues the previous key's scope list
+            if token in SCOPES and entries and ":" in entries[-1]:
+                entries[-1] += "," + token
+            else:
+                entries.append(token)
+        return entries
 
     def key_scopes(self) -> dict[str, set[str]]:
         """API key -> scopes it grants."""

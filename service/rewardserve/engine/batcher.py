@@ -149,6 +149,12 @@ class Batcher:
             rewards = await loop.run_in_executor(
                 self._executor, self._forward, [p.item for p in batch]
             )
+        except asyncio.CancelledError:
+            # close() while this batch ran: its callers must still get an answer.
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(Unavailable(f"model '{self.name}' was unloaded"))
+            raise
         except Exception as e:  # a failed forward fails its batch, not the loop
             log.exception("forward of %d items on %s failed", len(batch), self.name)
             for p in batch:

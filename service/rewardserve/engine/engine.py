@@ -24,7 +24,7 @@ from rewardserve.engine.scorer import RewardScorer
 from rewardserve.registry.loader import load_reward_model
 from rewardserve.registry.manifest import ManifestError, ModelManifest, resolve_source
 from rewardserve.registry.repository import Entry, scan_repository
-from rewardserve.schemas.errors import InvalidArgument, NotFound, Unavailable
+from rewardserve.schemas.errors import InvalidArgument, NotFound, ServiceError, Unavailable
 from rewardserve.schemas.models import ModelInfo
 from rewardserve.schemas.scoring import ScoreItem, ScoreRequest, ScoreResponse, ScoreResult, Usage
 
@@ -85,9 +85,17 @@ class ScoringEngine:
         return names
 
     async def start(self) -> None:
+        """Load the start-up models. Ones named by --models must load; of the ones found in
+        the repository, a model that cannot load is logged and left out."""
         self.expected = self.startup_models()
-        for name in self.expected:
-            await self.load(name)
+        for name in list(self.expected):
+            try:
+                await self.load(name)
+            except ServiceError as e:
+                if self.settings.models:
+                    raise
+                log.error("not loading %s: %s", name, e.message)
+                self.expected.remove(name)
         self.started = True
 
     async def close(self) -> None:
@@ -97,7 +105,12 @@ class ScoringEngine:
 
     @property
     def ready(self) -> bool:
-        return self.started and all(n in self.models for n in self.expected)
+        default = self.default_name()
+        return (
+            self.started
+            and all(n in self.models for n in self.expected)
+            and (default is None or default in self.models)
+        )
 
     async def load(self, name: str) -> ModelInfo:
         async with self._admin_lock:
@@ -137,6 +150,8 @@ class ScoringEngine:
             model = self.models.pop(name, None)
             if model is None:
                 raise NotFound(f"model '{name}' is not loaded", field="model")
+            if name in self.expected:  # unloaded on purpose: readiness no longer waits for it
+                self.expected.remove(name)
             await model.batcher.close()
             return self._info(name)
 

@@ -7,7 +7,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from rewardserve.schemas.errors import from_validation_error
+from rewardserve.grpc.decoding import Undecodable
+from rewardserve.schemas.errors import InvalidArgument, from_validation_error
 from rewardserve.schemas.models import ModelInfo
 from rewardserve.schemas.scoring import ScoreRequest, ScoreResponse
 from rewardserve.v1 import scoring_pb2 as pb
@@ -26,7 +27,11 @@ def _item(item: pb.ScoreItem) -> dict[str, Any]:
     return {}
 
 
-def score_request(msg: pb.ScoreRequest) -> ScoreRequest:
+def score_request(msg: pb.ScoreRequest | Undecodable) -> ScoreRequest:
+    if isinstance(msg, Undecodable):
+        raise InvalidArgument(
+            f"the request message could not be decoded: {msg.reason}", field="body"
+        )
     raw = {"model": msg.model or None, "items": [_item(i) for i in msg.items]}
     try:
         return ScoreRequest.model_validate(raw)

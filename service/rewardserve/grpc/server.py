@@ -9,6 +9,7 @@ from grpc_reflection.v1alpha import reflection
 from rewardserve.config import Settings
 from rewardserve.engine.engine import ScoringEngine
 from rewardserve.grpc.auth import ApiKeyInterceptor
+from rewardserve.grpc.decoding import SafeDecoding
 from rewardserve.grpc.servicers import RewardServicer
 from rewardserve.v1 import scoring_pb2, scoring_pb2_grpc
 
@@ -19,7 +20,7 @@ class GrpcServer:
     def __init__(self, settings: Settings, engine: ScoringEngine) -> None:
         self.settings, self.engine = settings, engine
         self.server = grpc.aio.server(
-            interceptors=[ApiKeyInterceptor(settings.key_scopes())],
+            interceptors=[ApiKeyInterceptor(settings.key_scopes()), SafeDecoding()],
             options=[
                 ("grpc.max_receive_message_length", settings.max_body_bytes),
                 ("grpc.max_send_message_length", 64 * 1024 * 1024),

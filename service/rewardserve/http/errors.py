@@ -45,6 +45,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(_: Request, err: HTTPException) -> JSONResponse:
         if err.status_code == 404:
             return error_response(NotFound("no such route"))
+        if err.status_code == 400:  # the body could not be parsed (e.g. not UTF-8)
+            return error_response(InvalidArgument(f"bad request body: {err.detail}", field="body"))
         body = {"error": {"code": "http_error", "message": str(err.detail), "field": None}}
         return JSONResponse(body, status_code=err.status_code, headers=err.headers)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 MANIFEST_NAME = "model.yaml"
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
@@ -32,20 +32,24 @@ class Source(_Strict):
     """repository: inside the model's own folder; cache: inside the model cache;
     package: inside an installed Python package."""
     path: str = "."
-    package: str | None = None
+    package: str | None = Field(None, validate_default=True)
     """Import name of the package, for kind=package."""
     gguf_file: str | None = None
     """A GGUF file inside the folder, loaded (dequantized) through transformers."""
 
-    @model_validator(mode="after")
-    def _check(self) -> Source:
-        if self.kind == "package" and not self.package:
+    @field_validator("path", "gguf_file")
+    @classmethod
+    def _relative(cls, v: str | None) -> str | None:
+        if v is not None and (Path(v).is_absolute() or ".." in Path(v).parts):
+            raise ValueError(f"'{v}' must be a relative path that stays inside its base")
+        return v
+
+    @field_validator("package")
+    @classmethod
+    def _package_for_kind(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if info.data.get("kind") == "package" and not v:
             raise ValueError("kind 'package' needs 'package'")
-        for part in (self.path, self.gguf_file or ""):
-            p = Path(part)
-            if p.is_absolute() or ".." in p.parts:
-                raise ValueError(f"'{part}' must be a relative path that stays inside its base")
-        return self
+        return v
 
 
 class Head(_Strict):

@@ -5,9 +5,9 @@ Unknown fields are ignored here (not refused): these clients add fields across v
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
 
 
 class OpenRLHFRequest(BaseModel):
@@ -30,20 +30,22 @@ class ClassifyRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
     model: StrictStr | None = None
-    input: StrictStr | list[StrictStr]
+    input: list[Annotated[StrictStr, Field(min_length=1)]] = Field(min_length=1)
+    """One text or a list of texts."""
     use_activation: bool | None = None
     activation: bool | None = None
     """Legacy name of use_activation."""
 
-    @model_validator(mode="after")
-    def _non_empty(self) -> ClassifyRequest:
-        if self.input == [] or self.input == "":
+    @field_validator("input", mode="before")
+    @classmethod
+    def _one_text(cls, v: object) -> object:
+        if v == "":
             raise ValueError("'input' must be a non-empty string or list of strings")
-        return self
+        return [v] if isinstance(v, str) else v
 
     @property
     def texts(self) -> list[str]:
-        return [self.input] if isinstance(self.input, str) else list(self.input)
+        return self.input
 
     @property
     def sigmoid(self) -> bool:

@@ -1,0 +1,52 @@
+"""Shared fixtures: one repository of tiny models per session and a plain (no-auth) server."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+from rewardserve.v1 import scoring_pb2_grpc
+from servers import RewardServer, build_model_repo
+
+
+@pytest.fixture(scope="session")
+def model_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Built once; servers that change their repository get a copy (`repo_copy`)."""
+    return build_model_repo(tmp_path_factory.mktemp("shared") / "models")
+
+
+def repo_copy(model_repo: Path, tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    dest = tmp_path_factory.mktemp(name) / "models"
+    shutil.copytree(model_repo, dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def plain_server(
+    model_repo: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RewardServer]:
+    """No API keys, default limits; serves rm-a (default), rm-b and orlhf. Tests that load or
+    unload models put things back as they found them."""
+    with RewardServer(repo_copy(model_repo, tmp_path_factory, "plain")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def plain_http(plain_server: RewardServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=plain_server.base_url, timeout=30, trust_env=False) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def plain_channel(plain_server: RewardServer) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(plain_server.grpc_target) as channel:
+        yield channel
+
+
+@pytest.fixture(scope="session")
+def plain_stub(plain_channel: grpc.Channel) -> scoring_pb2_grpc.RewardServiceStub:
+    return scoring_pb2_grpc.RewardServiceStub(plain_channel)

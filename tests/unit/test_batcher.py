@@ -1,0 +1,411 @@
+"""The dynamic batcher: batch formation (`take_batch`) and the per-model `Batcher` loop.
+
+The forward functions here are plain Python over token ids (reward = sum of the ids), run in
+a real ThreadPoolExecutor exactly as the engine runs the model's forward.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from rewardserve.engine.batcher import Batcher, BatchLimits, Pending, take_batch
+from rewardserve.engine.inputs import Encoded
+from rewardserve.schemas.errors import DeadlineExceeded, Overloaded, Unavailable
+
+FAR = 1e12  # a deadline that never passes
+
+
+def enc(*ids: int) -> Encoded:
+    return Encoded(list(ids), truncated=False)
+
+
+def sized(n: int, tag: int = 1) -> Encoded:
+    """An item of n tokens whose ids all equal `tag` (so its reward is n * tag)."""
+    return Encoded([tag] * n, truncated=False)
+
+
+def reward_of(e: Encoded) -> float:
+    return float(sum(e.input_ids))
+
+
+# ---- take_batch -------------------------------------------------------------------------
+
+
+def make_queue(loop: asyncio.AbstractEventLoop, items: Sequence[tuple[Encoded, float]]):
+    return deque(Pending(item, deadline, loop.create_future()) for item, deadline in items)
+
+
+async def test_take_batch_respects_token_budget_in_fifo_order() -> None:
+    loop = asyncio.get_running_loop()
+    q = make_queue(loop, [(sized(3, tag=i), FAR) for i in range(1, 6)])
+    limits = BatchLimits(max_batch_tokens=7, max_batch_size=64)
+    first = take_batch(q, limits, now=0.0)
+    assert [p.item.input_ids[0] for p in first] == [1, 2]  # 3 + 3 <= 7 < 3 + 3 + 3
+    second = take_batch(q, limits, now=0.0)
+    assert [p.item.input_ids[0] for p in second] == [3, 4]
+    assert [p.item.input_ids[0] for p in take_batch(q, limits, now=0.0)] == [5]
+    assert take_batch(q, limits, now=0.0) == []
+
+
+async def test_take_batch_exact_budget_fits() -> None:
+    loop = asyncio.get_running_loop()
+    q = make_queue(loop, [(sized(4), FAR), (sized(4), FAR), (sized(1), FAR)])
+    batch = take_batch(q, BatchLimits(max_batch_tokens=8), now=0.0)
+    assert [len(p.item) for p in batch] == [4, 4]
+    assert len(q) == 1
+
+
+async def test_take_batch_does_not_skip_ahead_of_an_item_that_does_not_fit() -> None:
+    # FIFO: a small item behind one that does not fit waits for the next batch.
+    loop = asyncio.get_running_loop()
+    q = make_queue(loop, [(sized(5), FAR), (sized(10), FAR), (sized(1), FAR)])
+    batch = take_batch(q, BatchLimits(max_batch_tokens=8), now=0.0)
+    assert [len(p.item) for p in batch] == [5]
+    assert [len(p.item) for p in q] == [10, 1]
+
+
+async def test_take_batch_respects_max_batch_size() -> None:
+    loop = asyncio.get_running_loop()
+    q = make_queue(loop, [(sized(1, tag=i), FAR) for i in range(1, 8)])
+    limits = BatchLimits(max_batch_tokens=10_000, max_batch_size=3)
+    sizes = []
+    while q:
+        sizes.append([p.item.input_ids[0] for p in take_batch(q, limits, now=0.0)])
+    assert sizes == [[1, 2, 3], [4, 5, 6], [7]]
+
+
+async def test_take_batch_always_takes_the_oldest_item_even_over_budget() -> None:
+    loop = asyncio.get_running_loop()
+    q = make_queue(loop, [(sized(100), FAR), (sized(1), FAR)])
+    limits = BatchLimits(max_batch_tokens=10)
+    batch = take_batch(q, limits, now=0.0)
+    assert [len(p.item) for p in batch] == [100]
+    assert [len(p.item) for p in take_batch(q, limits, now=0.0)] == [1]
+
+
+async def test_take_batch_skips_cancelled_and_they_do_not_count() -> None:
+    loop = asyncio.get_running_loop()
+    q = make_queue(loop, [(sized(1, tag=i), FAR) for i in range(1, 7)])
+    q[0].future.cancel()
+    q[2].future.cancel()
+    q[3].future.cancel()
+    batch = take_batch(q, BatchLimits(max_batch_tokens=10_000, max_batch_size=2), now=0.0)
+    assert [p.item.input_ids[0] for p in batch] == [2, 5]
+    assert [p.item.input_ids[0] for p in q] == [6]
+    assert all(not p.future.done() for p in batch)
+
+
+async def test_take_batch_skips_already_answered_items() -> None:
+    loop = asyncio.get_running_loop()
+    q = make_queue(loop, [(sized(1, tag=1), FAR), (sized(1, tag=2), FAR)])
+    q[0].future.set_result(1.0)
+    batch = take_batch(q, BatchLimits(), now=0.0)
+    assert [p.item.input_ids[0] for p in batch] == [2]
+
+
+async def test_take_batch_fails_expired_items_with_deadline_exceeded() -> None:
+    loop = asyncio.get_running_loop()
+    q = make_queue(
+        loop,
+        [(sized(1, tag=1), 5.0), (sized(1, tag=2), 10.0), (sized(1, tag=3), 10.5)],
+    )
+    expired = [q[0], q[1]]
+    batch = take_batch(q, BatchLimits(), now=10.0)  # deadline == now counts as passed
+    assert [p.item.input_ids[0] for p in batch] == [3]
+    assert not q
+    for p in expired:
+        assert p.future.done()
+        with pytest.raises(DeadlineExceeded):
+            p.future.result()
+    assert not batch[0].future.done()
+
+
+async def test_take_batch_expired_items_do_not_use_the_budget() -> None:
+    loop = asyncio.get_running_loop()
+    q = make_queue(loop, [(sized(9), 1.0), (sized(4), FAR), (sized(4), FAR)])
+    batch = take_batch(q, BatchLimits(max_batch_tokens=8), now=2.0)
+    assert [len(p.item) for p in batch] == [4, 4]
+    assert not q
+
+
+# ---- Batcher ------------------------------------------------------------------------------
+
+
+class RecordingForward:
+    """A forward that records what it was given; optionally blocks until released."""
+
+    def __init__(self, *, block: bool = False, poison: int | None = None) -> None:
+        self.calls: list[list[list[int]]] = []
+        self.started = threading.Event()
+        self.release = threading.Event()
+        if not block:
+            self.release.set()
+        self.poison = poison
+        self._lock = threading.Lock()
+
+    def __call__(self, batch: Sequence[Encoded]) -> list[float]:
+        with self._lock:
+            self.calls.append([list(e.input_ids) for e in batch])
+        self.started.set()
+        if not self.release.wait(timeout=10):
+            raise RuntimeError("test forward was never released")
+        if self.poison is not None and any(self.poison in e.input_ids for e in batch):
+            raise ValueError("poisoned batch")
+        return [reward_of(e) for e in batch]
+
+    @property
+    def seen(self) -> list[list[int]]:
+        return [ids for call in self.calls for ids in call]
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        return [len(c) for c in self.calls]
+
+
+@pytest.fixture
+def executor() -> Iterator[ThreadPoolExecutor]:
+    ex = ThreadPoolExecutor(max_workers=1, thread_name_prefix="test-forward")
+    yield ex
+    ex.shutdown(wait=True, cancel_futures=True)
+
+
+def make_batcher(forward, executor, **limits) -> Batcher:
+    b = Batcher("test", forward, executor, BatchLimits(**limits))
+    b.start()
+    return b
+
+
+def later(seconds: float = 30.0) -> float:
+    return time.monotonic() + seconds
+
+
+async def wait_started(fwd: RecordingForward) -> None:
+    assert await asyncio.to_thread(fwd.started.wait, 5), "forward never started"
+
+
+async def test_results_come_back_in_request_order(executor) -> None:
+    fwd = RecordingForward()
+    b = make_batcher(fwd, executor)
+    try:
+        items = [enc(5), enc(1, 2, 3), enc(7, 7), enc(2)]
+        assert await b.submit(items, later()) == [5.0, 6.0, 14.0, 2.0]
+    finally:
+        await b.close()
+
+
+async def test_concurrent_requests_are_batched_together(executor) -> None:
+    fwd = RecordingForward()
+    b = make_batcher(fwd, executor, max_wait_s=0.05, max_batch_size=64)
+    try:
+        requests = [[enc(10 * r + i) for i in range(3)] for r in range(6)]
+        results = await asyncio.gather(*(b.submit(req, later()) for req in requests))
+        for req, res in zip(requests, results, strict=True):
+            assert res == [reward_of(e) for e in req]  # each caller gets its own results
+        assert sum(fwd.batch_sizes) == 18
+        assert len(fwd.calls) < len(requests), fwd.batch_sizes
+        assert max(fwd.batch_sizes) > 3, fwd.batch_sizes  # items of several requests in one
+    finally:
+        await b.close()
+
+
+async def test_batches_never_exceed_max_batch_size(executor) -> None:
+    fwd = RecordingForward()
+    b = make_batcher(fwd, executor, max_batch_size=4, max_wait_s=0.01)
+    try:
+        items = [enc(i) for i in range(1, 11)]
+        assert await b.submit(items, later()) == [float(i) for i in range(1, 11)]
+        assert fwd.batch_sizes == [4, 4, 2]
+        assert fwd.seen == [[i] for i in range(1, 11)]  # FIFO across batches
+    finally:
+        await b.close()
+
+
+async def test_batches_respect_token_budget(executor) -> None:
+    fwd = RecordingForward()
+    b = make_batcher(fwd, executor, max_batch_tokens=10, max_wait_s=0.01)
+    try:
+        items = [sized(4, tag=i) for i in range(1, 6)]
+        await b.submit(items, later())
+        assert fwd.batch_sizes == [2, 2, 1]
+        assert all(sum(len(ids) for ids in call) <= 10 for call in fwd.calls)
+    finally:
+        await b.close()
+
+
+async def test_admission_refuses_at_once_when_queue_would_overflow(executor) -> None:
+    fwd = RecordingForward(block=True)
+    b = make_batcher(fwd, executor, max_queue_items=4, max_wait_s=0)
+    try:
+        running = asyncio.create_task(b.submit([enc(1)], later()))
+        await wait_started(fwd)  # item 1 is in the forward: the queue is empty again
+        queued = asyncio.create_task(b.submit([enc(2), enc(3), enc(4)], later()))
+        await asyncio.sleep(0.05)
+        assert b.queued == 3
+        started = time.monotonic()
+        with pytest.raises(Overloaded) as info:
+            await asyncio.wait_for(b.submit([enc(5), enc(6)], later()), timeout=2)
+        assert time.monotonic() - started < 0.5  # refused at once, not after waiting
+        assert info.value.retry_after_s >= 1
+        assert info.value.http_status == 429
+        assert b.queued == 3  # the refused request added nothing
+        # exactly filling the queue is still allowed
+        fits = asyncio.create_task(b.submit([enc(7)], later()))
+        await asyncio.sleep(0.05)
+        assert b.queued == 4
+        fwd.release.set()
+        assert await asyncio.wait_for(running, 5) == [1.0]
+        assert await asyncio.wait_for(queued, 5) == [2.0, 3.0, 4.0]
+        assert await asyncio.wait_for(fits, 5) == [7.0]
+        assert [5] not in fwd.seen and [6] not in fwd.seen
+        # and once drained, the same request is accepted
+        assert await b.submit([enc(5), enc(6)], later()) == [5.0, 6.0]
+    finally:
+        fwd.release.set()
+        await b.close()
+
+
+async def test_a_request_larger_than_the_queue_is_refused(executor) -> None:
+    fwd = RecordingForward()
+    b = make_batcher(fwd, executor, max_queue_items=3)
+    try:
+        with pytest.raises(Overloaded):
+            await b.submit([enc(1)] * 4, later())
+        assert fwd.calls == []
+    finally:
+        await b.close()
+
+
+async def test_cancelled_callers_items_are_never_forwarded(executor) -> None:
+    fwd = RecordingForward(block=True)
+    b = make_batcher(fwd, executor, max_wait_s=0)
+    try:
+        first = asyncio.create_task(b.submit([enc(1)], later()))
+        await wait_started(fwd)
+        gone = asyncio.create_task(b.submit([enc(666), enc(667)], later()))
+        stays = asyncio.create_task(b.submit([enc(3)], later()))
+        await asyncio.sleep(0.02)
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        fwd.release.set()
+        assert await asyncio.wait_for(first, 5) == [1.0]
+        assert await asyncio.wait_for(stays, 5) == [3.0]
+        assert [666] not in fwd.seen and [667] not in fwd.seen
+        assert fwd.seen == [[1], [3]]
+    finally:
+        fwd.release.set()
+        await b.close()
+
+
+async def test_expired_items_get_deadline_exceeded_and_are_not_forwarded(executor) -> None:
+    fwd = RecordingForward(block=True)
+    b = make_batcher(fwd, executor, max_wait_s=0)
+    try:
+        first = asyncio.create_task(b.submit([enc(1)], later()))
+        await wait_started(fwd)
+        late = asyncio.create_task(b.submit([enc(555), enc(556)], time.monotonic() + 0.05))
+        ok = asyncio.create_task(b.submit([enc(4)], later()))
+        await asyncio.sleep(0.15)  # the deadline passes while the forward is busy
+        fwd.release.set()
+        with pytest.raises(DeadlineExceeded) as info:
+            await asyncio.wait_for(late, 5)
+        assert info.value.http_status == 504
+        assert await asyncio.wait_for(first, 5) == [1.0]
+        assert await asyncio.wait_for(ok, 5) == [4.0]
+        assert [555] not in fwd.seen and [556] not in fwd.seen
+    finally:
+        fwd.release.set()
+        await b.close()
+
+
+async def test_a_deadline_already_passed_is_never_forwarded(executor) -> None:
+    fwd = RecordingForward()
+    b = make_batcher(fwd, executor)
+    try:
+        with pytest.raises(DeadlineExceeded):
+            await asyncio.wait_for(b.submit([enc(9)], time.monotonic() - 1), 5)
+        assert fwd.calls == []
+        assert await b.submit([enc(2)], later()) == [2.0]
+    finally:
+        await b.close()
+
+
+async def test_failed_forward_fails_its_batch_only_and_loop_keeps_serving(executor) -> None:
+    fwd = RecordingForward(poison=13)
+    b = make_batcher(fwd, executor, max_wait_s=0)
+    try:
+        with pytest.raises(ValueError, match="poisoned"):
+            await b.submit([enc(1), enc(13)], later())
+        assert await b.submit([enc(2), enc(3)], later()) == [2.0, 3.0]
+        with pytest.raises(ValueError):
+            await b.submit([enc(13)], later())
+        assert await b.submit([enc(4)], later()) == [4.0]
+    finally:
+        await b.close()
+
+
+async def test_failed_forward_does_not_fail_the_next_batch(executor) -> None:
+    fwd = RecordingForward(block=True, poison=13)
+    b = make_batcher(fwd, executor, max_wait_s=0)
+    try:
+        bad = asyncio.create_task(b.submit([enc(13)], later()))
+        await wait_started(fwd)
+        good = asyncio.create_task(b.submit([enc(5), enc(6)], later()))  # the next batch
+        await asyncio.sleep(0.02)
+        fwd.release.set()
+        with pytest.raises(ValueError):
+            await asyncio.wait_for(bad, 5)
+        assert await asyncio.wait_for(good, 5) == [5.0, 6.0]
+        assert fwd.batch_sizes == [1, 2]
+    finally:
+        fwd.release.set()
+        await b.close()
+
+
+async def test_close_fails_queued_items_with_unavailable(executor) -> None:
+    fwd = RecordingForward(block=True)
+    b = make_batcher(fwd, executor, max_wait_s=0)
+    first = asyncio.create_task(b.submit([enc(1)], later()))
+    try:
+        await wait_started(fwd)
+        queued = asyncio.create_task(b.submit([enc(2), enc(3)], later()))
+        await asyncio.sleep(0.02)
+        assert b.queued == 2
+        await b.close()
+        with pytest.raises(Unavailable) as info:
+            await asyncio.wait_for(queued, 2)
+        assert info.value.http_status == 503
+        assert b.queued == 0
+        with pytest.raises(Unavailable):
+            await b.submit([enc(4)], later())
+        assert [2] not in fwd.seen
+    finally:
+        fwd.release.set()
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+
+
+async def test_close_answers_the_batch_that_is_in_the_forward(executor) -> None:
+    fwd = RecordingForward(block=True)
+    b = make_batcher(fwd, executor, max_wait_s=0)
+    in_flight = asyncio.create_task(b.submit([enc(1)], later()))
+    try:
+        await wait_started(fwd)
+        await b.close()
+        fwd.release.set()
+        # Either outcome is fine (the result, or Unavailable); hanging is not.
+        try:
+            result = await asyncio.wait_for(asyncio.shield(in_flight), 2)
+        except Unavailable:
+            result = None
+        assert result in (None, [1.0])
+    finally:
+        fwd.release.set()
+        in_flight.cancel()
+        await asyncio.gather(in_flight, return_exceptions=True)
