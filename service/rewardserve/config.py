@@ -70,7 +70,8 @@ class Settings(BaseSettings):
     """Most sequences gathered for one forward pass."""
 
     max_wait_ms: float = Field(2.0, ge=0)
-    """How long a forming batch waits for more requests once the model is free."""
+    """How long a forming batch waits for more requests once the model is free (only while
+    requests are arriving concurrently; a lone request never waits)."""
 
     max_queue_items: int = Field(2048, ge=1)
     """Items waiting per model before new requests get 429 / RESOURCE_EXHAUSTED."""

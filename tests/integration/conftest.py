@@ -9,6 +9,7 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
+
 from rewardserve.v1 import scoring_pb2_grpc
 from servers import RewardServer, build_model_repo
 

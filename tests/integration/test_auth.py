@@ -8,6 +8,7 @@ import grpc
 import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from rewardserve.v1 import scoring_pb2 as pb
 from rewardserve.v1 import scoring_pb2_grpc
 from servers import RewardServer, pb_request

@@ -11,6 +11,7 @@ import grpc
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
 from rewardserve.v1 import scoring_pb2 as pb
 from rewardserve.v1 import scoring_pb2_grpc
 from servers import RewardServer, pb_request

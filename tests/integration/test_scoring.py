@@ -5,12 +5,13 @@ from __future__ import annotations
 import grpc
 import httpx
 import pytest
-from builders import build_tiny_rm
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 from prometheus_client.parser import text_string_to_metric_families
+
+from builders import build_tiny_rm
 from rewardserve.v1 import scoring_pb2 as pb
 from servers import RewardServer, pb_request, pb_response_dict, sharpen_weights
 

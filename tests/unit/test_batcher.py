@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+
 from rewardserve.engine.batcher import Batcher, BatchLimits, Pending, take_batch
 from rewardserve.engine.inputs import Encoded
 from rewardserve.schemas.errors import DeadlineExceeded, Overloaded, Unavailable

@@ -11,15 +11,16 @@ import pytest
 import pytest_asyncio
 import torch
 import yaml
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, BertForSequenceClassification, BertModel
+
 from builders import build_tiny_openrlhf_rm, build_tiny_rm, tiny_config, write_manifest
 from rewardserve.config import Settings
 from rewardserve.engine.engine import ScoringEngine
 from rewardserve.engine.scorer import plan_microbatches
 from rewardserve.schemas.errors import InvalidArgument, NotFound, Unavailable
 from rewardserve.schemas.scoring import ScoreRequest
-from safetensors.torch import load_file
 from servers import sharpen_weights
-from transformers import AutoTokenizer, BertForSequenceClassification, BertModel
 
 SHORT = "\n\nHuman: is the sky blue?\n\nAssistant: yes"
 LONG_1 = "\n\nHuman: tell me a story\n\nAssistant: " + "once upon a time there was a cat " * 3

@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pytest
+from transformers import AutoTokenizer
+
 from builders import minilm_dir
 from rewardserve.engine.inputs import Encoded, encode_texts, join_pair, render_hh
-from transformers import AutoTokenizer
 
 WORDS = ["red", "blue", "green", "cat", "dog", "house", "tree", "river", "stone", "cloud"]
 CLS, SEP = 101, 102

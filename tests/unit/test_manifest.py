@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from rewardserve.registry.manifest import (
     ManifestError,
     ModelManifest,

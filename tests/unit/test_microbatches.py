@@ -6,6 +6,7 @@ import random
 from collections.abc import Iterator, Sequence
 
 import pytest
+
 from rewardserve.engine.scorer import (
     FORWARD_OVERHEAD_TOKENS,
     MICROBATCH_MAX_TOKENS,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 from pydantic_settings import CliApp
+
 from rewardserve.config import Settings
 
 

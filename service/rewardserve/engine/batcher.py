@@ -82,6 +82,7 @@ class Batcher:
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._avg_item_s = 0.02  # running estimate, for Retry-After
+        self._last_batch_size = 0
 
     @property
     def queued(self) -> int:
@@ -132,7 +133,13 @@ class Batcher:
             await self._wake.wait()
             self._wake.clear()
             while self._queue:
-                if self.limits.max_wait_s and self.queued < self.limits.max_batch_size:
+                # Wait for stragglers only under concurrency (the last batch held several
+                # items): a lone caller should not pay the window on every request.
+                if (
+                    self.limits.max_wait_s
+                    and self._last_batch_size > 1
+                    and self.queued < self.limits.max_batch_size
+                ):
                     await asyncio.sleep(self.limits.max_wait_s)
                 before = self.queued
                 batch = take_batch(self._queue, self.limits, time.monotonic())
@@ -140,6 +147,7 @@ class Batcher:
                     metrics.DROPPED.labels(self.name).inc(dropped)
                 metrics.QUEUE_DEPTH.labels(self.name).set(self.queued)
                 if batch:
+                    self._last_batch_size = len(batch)
                     await self._run_batch(batch)
 
     async def _run_batch(self, batch: list[Pending]) -> None:
