@@ -51,6 +51,7 @@ bench: models
 	$(PY) benchmarks/bench_scoring.py
 
 loadtest: models
+	$(PIP) install -q locust
 	$(VENV)/bin/locust -f loadtests/locustfile.py --headless -u 32 -r 8 -t 60s --host http://127.0.0.1:8000
 
 clean-models:
