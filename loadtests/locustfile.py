@@ -15,10 +15,13 @@ import time
 from pathlib import Path
 
 import grpc
+import grpc.experimental.gevent as grpc_gevent
 from locust import HttpUser, User, between, events, task
 
 from rewardserve.v1 import scoring_pb2 as pb
 from rewardserve.v1 import scoring_pb2_grpc as pb_grpc
+
+grpc_gevent.init_gevent()  # locust runs users on gevent; grpc must cooperate with it
 
 DATA = Path(__file__).resolve().parents[2] / "shared/data/hh-harmless/pairs.jsonl.gz"
 GRPC_TARGET = os.environ.get("REWARDSERVE_GRPC_TARGET", "127.0.0.1:50051")
