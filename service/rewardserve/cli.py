@@ -18,7 +18,7 @@ def serve(ctx: typer.Context) -> None:
     from rewardserve.config import Settings
     from rewardserve.server import serve as run
 
-    settings = CliApp.run(Settings, cli_args=ctx.args, cli_prog_name="rewardserve serve")
+    settings = CliApp.run(Settings, cli_args=ctx.args)
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -44,7 +44,7 @@ def train_rm(ctx: typer.Context) -> None:
             extra="forbid",
         )
 
-    flags = CliApp.run(TrainFlags, cli_args=ctx.args, cli_prog_name="rewardserve train-rm")
+    flags = CliApp.run(TrainFlags, cli_args=ctx.args)
     cfg = RewardTrainingConfig.model_validate(flags.model_dump())
     report = train_reward_model(cfg)
     typer.echo(

@@ -1,0 +1,1 @@
+"""Training of the models the service hosts."""

@@ -1,0 +1,96 @@
+"""Settings of one reward-model training run.
+
+The defaults are the run that builds the service's default model (all-MiniLM-L6-v2 on the
+1,850 HH-RLHF harmless-base pairs, about 10 minutes on 2 CPU cores); they were chosen by
+held-out pairwise accuracy within that time budget.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class RewardTrainingConfig(BaseModel):
+    model_config = ConfigDict(use_attribute_docstrings=True, extra="forbid")
+
+    base_model: Path
+    """Hugging Face model folder of the backbone; a one-output regression head is added."""
+
+    data: Path
+    """Preference pairs: a .jsonl or .jsonl.gz file, one {"chosen": ..., "rejected": ...}
+    object a line, each side a whole "\\n\\nHuman: ... \\n\\nAssistant: ..." conversation."""
+
+    output: Path
+    """Folder the trained model, tokenizer and training_report.json are written to (replaced
+    as a whole once training has finished)."""
+
+    max_length: int = Field(256, ge=8)
+    """Most tokens a conversation keeps; longer ones lose their beginning (left truncation),
+    exactly as the service truncates at scoring time."""
+
+    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    """Share of the pairs held out to measure pairwise accuracy (0: no held-out split)."""
+
+    seed: int = 0
+    """Seed of the train/eval split, the head's initialisation and the batch order."""
+
+    epochs: int = Field(1, ge=1)
+    """Passes over the training pairs."""
+
+    batch_size: int = Field(16, ge=1)
+    """Pairs per optimiser step (each step runs 2 x batch_size sequences)."""
+
+    learning_rate: float = Field(1e-4, gt=0.0)
+    """Peak AdamW learning rate, reached after warm-up and decayed linearly to zero."""
+
+    weight_decay: float = Field(0.01, ge=0.0)
+    """AdamW weight decay (not applied to biases and LayerNorm weights)."""
+
+    warmup_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    """Share of the optimiser steps over which the learning rate rises linearly from zero."""
+
+    max_grad_norm: float | None = Field(1.0, gt=0.0)
+    """Gradients are clipped to this global norm (None: no clipping)."""
+
+    margin: float = 0.0
+    """Reward gap the loss asks for: loss = -log sigmoid(r_chosen - r_rejected - margin)."""
+
+    center_rewards_coefficient: float | None = Field(None, ge=0.0)
+    """If set, adds coefficient x mean((r_chosen + r_rejected)^2) to the loss, which keeps
+    rewards centred on zero (as TRL's RewardTrainer)."""
+
+    disable_dropout: bool = True
+    """Train without dropout: with a regression head on a pairwise loss, dropout mostly adds
+    noise to the reward differences."""
+
+    freeze_embeddings: bool = False
+    """Keep the embeddings (everything before the first transformer block) fixed."""
+
+    trainable_layers: int | None = Field(2, ge=0)
+    """Train only the top N transformer blocks, with everything after them and the head;
+    the embeddings and lower blocks stay fixed. Backward then stops at the lowest trained
+    block, so a step costs much less on CPU. None: train every weight."""
+
+    bucket_batches: int = Field(16, ge=1)
+    """Length bucketing: pairs are shuffled, cut into windows of this many batches, and each
+    window sorted by length before it is split into batches, so a batch pads little while
+    epochs still see different batches."""
+
+    eval_each_epoch: bool = True
+    """Also measure held-out accuracy after every epoch but the last (the report's learning
+    curve; a few seconds each)."""
+
+    stats_max_pairs: int | None = Field(64, ge=1)
+    """Score at most this many training pairs (a random subset) for the reward mean/std and
+    the train accuracy, instead of all of them. None: all."""
+
+    eval_batch_size: int = Field(32, ge=1)
+    """Sequences per forward pass when scoring for accuracy and reward statistics."""
+
+    torch_threads: int | None = Field(None, ge=1)
+    """CPU threads torch may use (None: torch's default, one per core)."""
+
+    max_pairs: int | None = Field(None, ge=2)
+    """Use at most this many pairs (a seeded random subset); for quick runs and tests."""
