@@ -128,6 +128,10 @@ class RewardServer:
 
     # ---- lifecycle -------------------------------------------------------------------
 
+    def http(self) -> httpx.Client:
+        """A REST client for this server (proxies from the environment ignored)."""
+        return httpx.Client(base_url=self.base_url, timeout=30, trust_env=False)
+
     def log_tail(self, chars: int = 6000) -> str:
         try:
             return self.log_path.read_text(errors="replace")[-chars:]

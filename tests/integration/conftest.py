@@ -38,7 +38,7 @@ def plain_server(
 
 @pytest.fixture(scope="session")
 def plain_http(plain_server: RewardServer) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=plain_server.base_url, timeout=30, trust_env=False) as client:
+    with plain_server.http() as client:
         yield client
 
 

@@ -36,7 +36,7 @@ def server(model_repo) -> Iterator[RewardServer]:
 
 @pytest.fixture(scope="module")
 def http(server: RewardServer) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.base_url, timeout=30, trust_env=False) as client:
+    with server.http() as client:
         yield client
 
 
