@@ -298,7 +298,6 @@ def bench_vllm(model_dir: Path, texts: list[str], tmp: Path, args) -> dict:
     env = {
         "VLLM_CPU_KVCACHE_SPACE": "1",
         "OMP_NUM_THREADS": str(THREADS),
-        "VLLM_CPU_OMP_THREADS_BIND": "all",
         "HF_HUB_OFFLINE": "1",
     }
     try:
