@@ -312,8 +312,10 @@ def test_server_still_answers_after_the_corpus(server, http, stub) -> None:
 
 
 def test_rest_deadline_exceeded_is_504(http) -> None:
-    # The 50 ms batching window outlasts a 1 ms deadline: the item is dropped, not scored.
-    r = post(http, "/v1/score", VALID, {"X-Request-Timeout": "0.001"})
+    # Tokenizing a full request of long texts outlasts a 1 ms deadline, which runs from
+    # arrival: the items are dropped, not scored.
+    body = items(*[text("a long sentence to tokenize " * 40) for _ in range(MAX_ITEMS)])
+    r = post(http, "/v1/score", body, {"X-Request-Timeout": "0.001"})
     assert_error_shape(r, 504, "deadline_exceeded", None)
 
 

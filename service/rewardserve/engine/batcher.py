@@ -115,6 +115,8 @@ class Batcher:
                 f"(limit {self.limits.max_queue_items}); retry later",
                 retry_after_s=round(retry, 1),
             )
+        if deadline <= time.monotonic():
+            raise DeadlineExceeded("deadline passed before the items were queued")
         loop = asyncio.get_running_loop()
         pending = [Pending(it, deadline, loop.create_future()) for it in items]
         self._queue.extend(pending)

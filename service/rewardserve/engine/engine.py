@@ -244,10 +244,11 @@ class ScoringEngine:
         field_of: str = "items",
     ) -> tuple[LoadedModel, list[Encoded], list[float]]:
         """Rendered texts -> (model, encodings, raw rewards). The one path every API takes."""
+        # The deadline runs from arrival: time spent tokenizing counts against it too.
+        deadline = time.monotonic() + (timeout_s or self.settings.request_timeout_s)
         self._check_limits(texts, field_of)
         model = self.resolve(name)
         encoded = await asyncio.to_thread(model.encode, texts)
-        deadline = time.monotonic() + (timeout_s or self.settings.request_timeout_s)
         rewards = await model.batcher.submit(encoded, deadline)
         return model, encoded, rewards
 
