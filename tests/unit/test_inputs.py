@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
 
 from builders import minilm_dir
-from rewardserve.engine.inputs import Encoded, encode_texts, join_pair, render_hh
+from rewardserve.engine.inputs import Encoded, TextEncoder, encode_texts, join_pair, render_hh
+from rewardserve.training.reward.data import load_pairs
 
 WORDS = ["red", "blue", "green", "cat", "dog", "house", "tree", "river", "stone", "cloud"]
 CLS, SEP = 101, 102
+HH_PAIRS = Path(__file__).resolve().parents[3] / "shared/data/hh-harmless/pairs.jsonl.gz"
 
 
 def words(n: int, offset: int = 0) -> str:
@@ -89,6 +92,34 @@ def test_encoding_does_not_leave_the_tokenizer_truncating(tok) -> None:
     encode_texts(tok, [words(100)], max_length=12)
     (e,) = encode_texts(tok, [words(40)], max_length=100)
     assert not e.truncated and len(e) == 42
+
+
+def test_padding_or_truncation_saved_in_the_tokenizer_file_is_ignored(tok) -> None:
+    """A tokenizer.json may carry padding/truncation settings; the wrapper resets them per
+    call, so the encoder must not inherit them either (a short text stays short)."""
+    t = AutoTokenizer.from_pretrained(minilm_dir())
+    t.truncation_side = "left"
+    t.backend_tokenizer.enable_padding(length=64)
+    t.backend_tokenizer.enable_truncation(max_length=5)
+    (e,) = TextEncoder(t, max_length=32)(["red blue green"])
+    assert e.input_ids == full_ids(tok, "red blue green") and not e.truncated
+
+
+def test_fast_path_matches_the_tokenizers_own_truncation_on_hh_texts(tok) -> None:
+    """The Rust-backend path gives exactly what the tokenizer's own truncation gives."""
+    texts = [p.chosen for p in load_pairs(HH_PAIRS)[:300]]
+    ours = TextEncoder(tok, max_length=128)(texts)
+    theirs = tok(texts, truncation=True, max_length=128)["input_ids"]
+    assert [e.input_ids for e in ours] == theirs
+    assert [e.truncated for e in ours] == [len(full_ids(tok, t)) > 128 for t in texts]
+    assert any(e.truncated for e in ours) and not all(e.truncated for e in ours)
+
+
+def test_slow_path_gives_the_same_encodings(tok) -> None:
+    texts = ["red", words(100), "blue green", words(30)]
+    slow = TextEncoder(tok, max_length=12)
+    slow.backend = None  # as for a tokenizer without a Rust backend
+    assert slow(texts) == TextEncoder(tok, max_length=12)(texts)
 
 
 # ---- rendering ---------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from rewardserve.engine.inputs import Encoded, encode_texts
+from rewardserve.engine.inputs import Encoded, TextEncoder
 
 # Per-forward fixed cost in token-equivalents (measured for all-MiniLM on this CPU): the
 # optimiser below trades it against padding when it splits a batch.
@@ -88,11 +88,12 @@ class RewardScorer:
         self.head = head
         self.value_head = value_head
         self.chat_template = chat_template
+        self._encoder = TextEncoder(tokenizer, max_length)
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else (tokenizer.eos_token_id or 0))
 
     def encode(self, texts: Sequence[str]) -> list[Encoded]:
-        return encode_texts(self.tokenizer, texts, self.max_length)
+        return self._encoder(texts)
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from fastapi import Request
 
@@ -25,8 +25,9 @@ def check_key(keys: dict[str, set[str]], authorization: str | None, scope: str) 
         raise PermissionDenied(f"this API key lacks the '{scope}' scope", field="authorization")
 
 
-def require(scope: str) -> Callable[[Request], None]:
-    def dependency(request: Request) -> None:
+def require(scope: str) -> Callable[[Request], Awaitable[None]]:
+    # async so FastAPI runs it on the event loop, not in its worker-thread pool
+    async def dependency(request: Request) -> None:
         check_key(request.app.state.api_keys, request.headers.get("authorization"), scope)
 
     return dependency
