@@ -1,4 +1,4 @@
-"""The dynamic batcher: batch formation (`take_batch`) and the per-model `Batcher` loop.
+"""The batcher: forward planning (`next_batch`) and the per-model `Batcher` loop.
 
 The forward functions here are plain Python over token ids (reward = sum of the ids), run in
 a real ThreadPoolExecutor exactly as the engine runs the model's forward.
@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from rewardserve.engine.batcher import Batcher, BatchLimits, Pending, take_batch
+from rewardserve.engine.batcher import Batcher, BatchLimits, Pending, next_batch
 from rewardserve.engine.inputs import Encoded
 from rewardserve.schemas.errors import DeadlineExceeded, Overloaded, Unavailable
 
@@ -35,102 +35,97 @@ def reward_of(e: Encoded) -> float:
     return float(sum(e.input_ids))
 
 
-# ---- take_batch -------------------------------------------------------------------------
+# ---- next_batch -------------------------------------------------------------------------
 
 
 def make_queue(loop: asyncio.AbstractEventLoop, items: Sequence[tuple[Encoded, float]]):
     return deque(Pending(item, deadline, loop.create_future()) for item, deadline in items)
 
 
-async def test_take_batch_respects_token_budget_in_fifo_order() -> None:
+def tags(batch: Sequence[Pending]) -> list[int]:
+    return [p.item.input_ids[0] for p in batch]
+
+
+async def test_equal_items_go_fifo_within_the_token_budget() -> None:
     loop = asyncio.get_running_loop()
     q = make_queue(loop, [(sized(3, tag=i), FAR) for i in range(1, 6)])
     limits = BatchLimits(max_batch_tokens=7, max_batch_size=64)
-    first = take_batch(q, limits, now=0.0)
-    assert [p.item.input_ids[0] for p in first] == [1, 2]  # 3 + 3 <= 7 < 3 + 3 + 3
-    second = take_batch(q, limits, now=0.0)
-    assert [p.item.input_ids[0] for p in second] == [3, 4]
-    assert [p.item.input_ids[0] for p in take_batch(q, limits, now=0.0)] == [5]
-    assert take_batch(q, limits, now=0.0) == []
+    assert tags(next_batch(q, limits, now=0.0)) == [1, 2]  # 2 x 3 <= 7 < 3 x 3
+    assert tags(next_batch(q, limits, now=0.0)) == [3, 4]
+    assert tags(next_batch(q, limits, now=0.0)) == [5]
+    assert next_batch(q, limits, now=0.0) == []
 
 
-async def test_take_batch_exact_budget_fits() -> None:
+async def test_exact_budget_fits() -> None:
     loop = asyncio.get_running_loop()
-    q = make_queue(loop, [(sized(4), FAR), (sized(4), FAR), (sized(1), FAR)])
-    batch = take_batch(q, BatchLimits(max_batch_tokens=8), now=0.0)
-    assert [len(p.item) for p in batch] == [4, 4]
-    assert len(q) == 1
+    q = make_queue(loop, [(sized(4, tag=1), FAR), (sized(4, tag=2), FAR)])
+    assert tags(next_batch(q, BatchLimits(max_batch_tokens=8), now=0.0)) == [1, 2]
 
 
-async def test_take_batch_does_not_skip_ahead_of_an_item_that_does_not_fit() -> None:
-    # FIFO: a small item behind one that does not fit waits for the next batch.
+async def test_the_oldest_item_gets_the_companions_of_its_length() -> None:
     loop = asyncio.get_running_loop()
-    q = make_queue(loop, [(sized(5), FAR), (sized(10), FAR), (sized(1), FAR)])
-    batch = take_batch(q, BatchLimits(max_batch_tokens=8), now=0.0)
-    assert [len(p.item) for p in batch] == [5]
-    assert [len(p.item) for p in q] == [10, 1]
+    lengths = [(100, 1), (5, 2), (100, 3), (5, 4)]
+    q = make_queue(loop, [(sized(n, tag=t), FAR) for n, t in lengths])
+    batch = next_batch(q, BatchLimits(), now=0.0)
+    assert tags(batch) == [1, 3]  # the two long ones: padding the short ones to 100 costs more
+    assert tags(q) == [2, 4]  # the rest stay queued, in arrival order
+    assert tags(next_batch(q, BatchLimits(), now=0.0)) == [2, 4]
 
 
-async def test_take_batch_respects_max_batch_size() -> None:
+async def test_the_oldest_item_never_starves_behind_better_packing_newcomers() -> None:
     loop = asyncio.get_running_loop()
-    q = make_queue(loop, [(sized(1, tag=i), FAR) for i in range(1, 8)])
+    q = make_queue(loop, [(sized(200, tag=9), FAR)] + [(sized(4, tag=1), FAR)] * 40)
+    assert 9 in tags(next_batch(q, BatchLimits(), now=0.0))
+
+
+async def test_rows_of_one_forward_respect_max_batch_size() -> None:
+    loop = asyncio.get_running_loop()
+    q = make_queue(loop, [(sized(1, tag=i), FAR) for i in range(1, 11)])
     limits = BatchLimits(max_batch_tokens=10_000, max_batch_size=3)
     sizes = []
     while q:
-        sizes.append([p.item.input_ids[0] for p in take_batch(q, limits, now=0.0)])
-    assert sizes == [[1, 2, 3], [4, 5, 6], [7]]
+        sizes.append(tags(next_batch(q, limits, now=0.0)))
+    assert sizes == [[1, 2, 3], [4, 5, 6], [7, 8, 9], [10]]
 
 
-async def test_take_batch_always_takes_the_oldest_item_even_over_budget() -> None:
+async def test_the_oldest_item_is_taken_alone_when_over_budget() -> None:
     loop = asyncio.get_running_loop()
-    q = make_queue(loop, [(sized(100), FAR), (sized(1), FAR)])
+    q = make_queue(loop, [(sized(20), FAR), (sized(1), FAR)])
     limits = BatchLimits(max_batch_tokens=10)
-    batch = take_batch(q, limits, now=0.0)
-    assert [len(p.item) for p in batch] == [100]
-    assert [len(p.item) for p in take_batch(q, limits, now=0.0)] == [1]
+    assert [len(p.item) for p in next_batch(q, limits, now=0.0)] == [20]
+    assert [len(p.item) for p in next_batch(q, limits, now=0.0)] == [1]
 
 
-async def test_take_batch_skips_cancelled_and_they_do_not_count() -> None:
+async def test_cancelled_items_are_skipped_and_take_no_rows() -> None:
     loop = asyncio.get_running_loop()
-    q = make_queue(loop, [(sized(1, tag=i), FAR) for i in range(1, 7)])
+    q = make_queue(loop, [(sized(1, tag=i), FAR) for i in range(1, 5)])
     q[0].future.cancel()
-    q[2].future.cancel()
-    q[3].future.cancel()
-    batch = take_batch(q, BatchLimits(max_batch_tokens=10_000, max_batch_size=2), now=0.0)
-    assert [p.item.input_ids[0] for p in batch] == [2, 5]
-    assert [p.item.input_ids[0] for p in q] == [6]
-    assert all(not p.future.done() for p in batch)
+    q[1].future.cancel()
+    batch = next_batch(q, BatchLimits(max_batch_tokens=10_000, max_batch_size=2), now=0.0)
+    assert tags(batch) == [3, 4]
+    assert not q
 
 
-async def test_take_batch_skips_already_answered_items() -> None:
+async def test_already_answered_items_are_skipped() -> None:
     loop = asyncio.get_running_loop()
     q = make_queue(loop, [(sized(1, tag=1), FAR), (sized(1, tag=2), FAR)])
-    q[0].future.set_result(1.0)
-    batch = take_batch(q, BatchLimits(), now=0.0)
-    assert [p.item.input_ids[0] for p in batch] == [2]
+    q[0].future.set_result(0.0)
+    assert tags(next_batch(q, BatchLimits(), now=0.0)) == [2]
 
 
-async def test_take_batch_fails_expired_items_with_deadline_exceeded() -> None:
+async def test_expired_items_fail_with_deadline_exceeded() -> None:
     loop = asyncio.get_running_loop()
-    q = make_queue(
-        loop,
-        [(sized(1, tag=1), 5.0), (sized(1, tag=2), 10.0), (sized(1, tag=3), 10.5)],
-    )
-    expired = [q[0], q[1]]
-    batch = take_batch(q, BatchLimits(), now=10.0)  # deadline == now counts as passed
-    assert [p.item.input_ids[0] for p in batch] == [3]
-    assert not q
-    for p in expired:
-        assert p.future.done()
-        with pytest.raises(DeadlineExceeded):
-            p.future.result()
-    assert not batch[0].future.done()
+    q = make_queue(loop, [(sized(1, tag=1), 10.0), (sized(1, tag=2), FAR)])
+    expired = q[0]
+    batch = next_batch(q, BatchLimits(), now=10.0)  # deadline == now counts as passed
+    assert tags(batch) == [2]
+    assert isinstance(expired.future.exception(), DeadlineExceeded)
 
 
-async def test_take_batch_expired_items_do_not_use_the_budget() -> None:
+async def test_expired_items_do_not_use_the_budget() -> None:
     loop = asyncio.get_running_loop()
     q = make_queue(loop, [(sized(9), 1.0), (sized(4), FAR), (sized(4), FAR)])
-    batch = take_batch(q, BatchLimits(max_batch_tokens=8), now=2.0)
+    batch = next_batch(q, BatchLimits(max_batch_tokens=8), now=2.0)
     assert [len(p.item) for p in batch] == [4, 4]
     assert not q
 
@@ -212,6 +207,37 @@ async def test_concurrent_requests_are_batched_together(executor) -> None:
         assert len(fwd.calls) < len(requests), fwd.batch_sizes
         assert max(fwd.batch_sizes) > 3, fwd.batch_sizes  # items of several requests in one
     finally:
+        await b.close()
+
+
+async def test_each_forward_answers_its_callers_before_the_next_one_runs(executor) -> None:
+    """Short and long items queued together run as two forwards; the short ones' caller is
+    answered while the long forward is still running."""
+    occupy, long_gate = threading.Event(), threading.Event()
+
+    def forward(batch: Sequence[Encoded]) -> list[float]:
+        if batch[0].input_ids[0] == 7:
+            assert occupy.wait(10)
+        if any(len(e) > 100 for e in batch):
+            assert long_gate.wait(10)
+        return [reward_of(e) for e in batch]
+
+    b = make_batcher(forward, executor, max_wait_s=0)
+    try:
+        busy = asyncio.create_task(b.submit([enc(7)], later()))
+        await asyncio.sleep(0.05)  # the model is now busy with item 7
+        short = asyncio.create_task(b.submit([sized(4, tag=2), sized(4, tag=3)], later()))
+        long = asyncio.create_task(b.submit([sized(400, tag=1)], later()))
+        await asyncio.sleep(0.05)
+        occupy.set()
+        assert await asyncio.wait_for(short, 5) == [8.0, 12.0]
+        assert not long.done()  # its forward is still held
+        long_gate.set()
+        assert await asyncio.wait_for(long, 5) == [400.0]
+        assert await busy == [7.0]
+    finally:
+        occupy.set()
+        long_gate.set()
         await b.close()
 
 

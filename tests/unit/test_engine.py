@@ -16,8 +16,8 @@ from transformers import AutoTokenizer, BertForSequenceClassification, BertModel
 
 from builders import build_tiny_openrlhf_rm, build_tiny_rm, tiny_config, write_manifest
 from rewardserve.config import Settings
+from rewardserve.engine.batcher import plan_microbatches
 from rewardserve.engine.engine import ScoringEngine
-from rewardserve.engine.scorer import plan_microbatches
 from rewardserve.schemas.errors import InvalidArgument, NotFound, Unavailable
 from rewardserve.schemas.scoring import ScoreRequest
 from servers import sharpen_weights

@@ -1,4 +1,4 @@
-"""plan_microbatches: an optimal split of one batch into length-homogeneous forwards."""
+"""plan_microbatches: an optimal split of waiting items into length-homogeneous forwards."""
 
 from __future__ import annotations
 
@@ -7,19 +7,26 @@ from collections.abc import Iterator, Sequence
 
 import pytest
 
-from rewardserve.engine.scorer import (
-    FORWARD_OVERHEAD_TOKENS,
-    MICROBATCH_MAX_TOKENS,
-    plan_microbatches,
-)
+from rewardserve.engine.batcher import FORWARD_OVERHEAD_TOKENS, BatchLimits, plan_microbatches
+
+MICROBATCH_MAX_TOKENS = BatchLimits().max_batch_tokens
 
 
 def cost(lengths: Sequence[int], groups: Sequence[Sequence[int]], overhead: int) -> int:
     return sum(len(g) * max(lengths[i] for i in g) + overhead for g in groups)
 
 
-def feasible(lengths: Sequence[int], groups: Sequence[Sequence[int]], max_tokens: int) -> bool:
-    return all(len(g) == 1 or len(g) * max(lengths[i] for i in g) <= max_tokens for g in groups)
+def feasible(
+    lengths: Sequence[int],
+    groups: Sequence[Sequence[int]],
+    max_tokens: int,
+    max_rows: int | None = None,
+) -> bool:
+    return all(
+        len(g) == 1
+        or (len(g) * max(lengths[i] for i in g) <= max_tokens and len(g) <= (max_rows or len(g)))
+        for g in groups
+    )
 
 
 def set_partitions(items: list[int]) -> Iterator[list[list[int]]]:
@@ -104,14 +111,21 @@ def test_optimal_against_brute_force_over_all_partitions() -> None:
         lengths = [rng.randint(1, 64) for _ in range(n)]
         overhead = rng.choice([0, 5, 20, 96])
         max_tokens = rng.choice([64, 128, 4096])
-        groups = plan_microbatches(lengths, overhead, max_tokens)
+        max_rows = rng.choice([None, 1, 2, 3])
+        groups = plan_microbatches(lengths, overhead, max_tokens, max_rows)
         check_structure(lengths, groups, max_tokens)
+        assert feasible(lengths, groups, max_tokens, max_rows)
         best = min(
             cost(lengths, p, overhead)
             for p in set_partitions(list(range(n)))
-            if feasible(lengths, p, max_tokens)
+            if feasible(lengths, p, max_tokens, max_rows)
         )
-        assert cost(lengths, groups, overhead) == best, (lengths, overhead, max_tokens, groups)
+        assert cost(lengths, groups, overhead) == best, (lengths, max_rows, groups)
+
+
+def test_max_rows_caps_a_microbatch() -> None:
+    groups = plan_microbatches([10] * 10, overhead_tokens=1000, max_rows=4)
+    assert sorted(map(len, groups)) == [2, 4, 4]
 
 
 def test_zero_overhead_pays_no_padding() -> None:

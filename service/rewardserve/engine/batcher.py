@@ -1,16 +1,20 @@
-"""Dynamic batching for one model: admission, batch formation, forward off the event loop.
+"""Continuous micro-batching for one model: admission, forward planning, forward off the loop.
 
 Requests put their encoded items on a queue and await one future per item. A single loop
-per model waits until the model is free, gathers what has queued (plus a short `max_wait`
-window for stragglers), drops items whose caller is gone or whose deadline passed, and runs
-the forward in the shared worker thread so the event loop keeps serving. Nothing here knows
-of HTTP or gRPC.
+per model, whenever the model is free, plans the next forward: the oldest waiting item plus
+the waiting items that pack best with it (similar lengths, so little padding), within a row
+and padded-token budget. That forward runs in the shared worker thread so the event loop
+keeps serving; its callers are answered as soon as it ends, and the next forward is planned
+afresh with whatever arrived meanwhile. Answering per forward, rather than per gathered
+batch, keeps the model busy while answered clients send their next requests, and lets new
+arrivals join a length-matched forward. Nothing here knows of HTTP or gRPC.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -24,6 +28,12 @@ from rewardserve.schemas.errors import DeadlineExceeded, Overloaded, Unavailable
 log = logging.getLogger(__name__)
 
 ForwardFn = Callable[[Sequence[Encoded]], list[float]]
+"""One padded forward over exactly the items given; rewards in the same order."""
+
+# Fixed cost of one forward in token-equivalents, traded against padding by the planner.
+# Measured for all-MiniLM on 2 cores (benchmarks/bench_scoring.py runs both ways); larger
+# values gave fewer, more padded forwards and lower throughput.
+FORWARD_OVERHEAD_TOKENS = 96
 
 
 @dataclass(slots=True)
@@ -32,41 +42,84 @@ class Pending:
     deadline: float
     """time.monotonic() after which the result is useless."""
     future: asyncio.Future[float] = field(repr=False)
+    queued_at: float = field(default_factory=time.monotonic)
 
 
 @dataclass(frozen=True)
 class BatchLimits:
-    max_batch_tokens: int = 16384
+    max_batch_tokens: int = 2048
+    """Padded tokens (rows x longest) of one forward; one item longer than this runs alone."""
     max_batch_size: int = 64
+    """Rows of one forward, and how many waiting items one plan chooses among."""
     max_wait_s: float = 0.002
     max_queue_items: int = 2048
+    overhead_tokens: int = FORWARD_OVERHEAD_TOKENS
 
 
-def take_batch(queue: deque[Pending], limits: BatchLimits, now: float) -> list[Pending]:
-    """Pop the next batch off the queue, oldest first, within the token and size budget.
+def plan_microbatches(
+    lengths: Sequence[int],
+    overhead_tokens: int = FORWARD_OVERHEAD_TOKENS,
+    max_tokens: int = 2048,
+    max_rows: int | None = None,
+) -> list[list[int]]:
+    """Split items into forwards that minimise padded tokens + per-forward overhead.
 
-    Items that can no longer be answered are popped and dropped on the way: cancelled ones
-    silently, expired ones with DeadlineExceeded. Token cost is the sum of lengths: the scorer
-    sorts a batch into length-homogeneous micro-batches, so padding does not count against it.
-    The oldest live item is always taken, however long, so nothing starves.
+    Items are sorted by length; an optimal split of a sorted list into contiguous groups is a
+    small dynamic programme (cost of a group = rows x its longest + overhead; a group may not
+    exceed `max_tokens` padded tokens or `max_rows` rows unless it holds one item). Returns
+    lists of indices into `lengths`, shortest group first.
     """
-    batch: list[Pending] = []
-    tokens = 0
-    while queue and len(batch) < limits.max_batch_size:
-        p = queue[0]
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    n = len(order)
+    rows_cap = max_rows or n
+    best = [0.0] + [math.inf] * n
+    cut = [0] * (n + 1)
+    for end in range(1, n + 1):
+        longest = lengths[order[end - 1]]
+        for start in range(end - 1, -1, -1):
+            rows = end - start
+            if rows > 1 and (rows > rows_cap or rows * longest > max_tokens):
+                break
+            cost = best[start] + rows * longest + overhead_tokens
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    groups: list[list[int]] = []
+    end = n
+    while end > 0:
+        groups.append(order[cut[end] : end])
+        end = cut[end]
+    return groups[::-1]
+
+
+def next_batch(queue: deque[Pending], limits: BatchLimits, now: float) -> list[Pending]:
+    """Pop the items of the next forward: the oldest live item and its best companions.
+
+    The first `max_batch_size` live items are planned into forwards (`plan_microbatches`);
+    the forward holding the oldest item is popped and returned, the others go back to the
+    front of the queue in arrival order. Always taking the oldest item means nothing starves
+    however its length compares. Items that can no longer be answered are dropped on the way:
+    cancelled ones silently, expired ones with DeadlineExceeded.
+    """
+    window: list[Pending] = []
+    while queue and len(window) < limits.max_batch_size:
+        p = queue.popleft()
         if p.future.done():  # caller went away (cancelled) or already answered
-            queue.popleft()
             continue
         if p.deadline <= now:
-            queue.popleft()
             p.future.set_exception(DeadlineExceeded("deadline passed before the item was scored"))
             continue
-        if batch and tokens + len(p.item) > limits.max_batch_tokens:
-            break
-        queue.popleft()
-        batch.append(p)
-        tokens += len(p.item)
-    return batch
+        window.append(p)
+    if not window:
+        return []
+    groups = plan_microbatches(
+        [len(p.item) for p in window],
+        limits.overhead_tokens,
+        limits.max_batch_tokens,
+        limits.max_batch_size,
+    )
+    chosen = set(next(g for g in groups if 0 in g))
+    queue.extendleft(reversed([p for i, p in enumerate(window) if i not in chosen]))
+    return [p for i, p in enumerate(window) if i in chosen]
 
 
 class Batcher:
@@ -135,22 +188,27 @@ class Batcher:
             await self._wake.wait()
             self._wake.clear()
             while self._queue:
-                # Wait for stragglers only under concurrency (the last batch held several
-                # items): a lone caller should not pay the window on every request.
-                if (
-                    self.limits.max_wait_s
-                    and self._last_batch_size > 1
-                    and self.queued < self.limits.max_batch_size
-                ):
-                    await asyncio.sleep(self.limits.max_wait_s)
+                await self._gather_window()
                 before = self.queued
-                batch = take_batch(self._queue, self.limits, time.monotonic())
+                batch = next_batch(self._queue, self.limits, time.monotonic())
                 if dropped := before - self.queued - len(batch):
                     metrics.DROPPED.labels(self.name).inc(dropped)
                 metrics.QUEUE_DEPTH.labels(self.name).set(self.queued)
                 if batch:
                     self._last_batch_size = len(batch)
                     await self._run_batch(batch)
+
+    async def _gather_window(self) -> None:
+        """Under concurrency (the last forward held several items), let the oldest waiting
+        item wait up to max_wait for companions; a lone caller never pays the window."""
+        if (
+            self.limits.max_wait_s
+            and self._last_batch_size > 1
+            and self.queued < self.limits.max_batch_size
+        ):
+            wait = self._queue[0].queued_at + self.limits.max_wait_s - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
 
     async def _run_batch(self, batch: list[Pending]) -> None:
         loop = asyncio.get_running_loop()

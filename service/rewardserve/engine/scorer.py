@@ -1,13 +1,11 @@
-"""One loaded reward model: text in, scalar rewards out.
+"""One loaded reward model: encoded items in, scalar rewards out.
 
-Batches arrive from the batcher already tokenized. A forward pass pads to its longest
-sequence, and on CPU the padded tokens cost as much as real ones, so a batch is split into
-length-homogeneous micro-batches by `plan_microbatches` before it runs.
+Each call is one padded forward over the items it is given. Which items share a forward
+(length-homogeneous groups, so little padding) is the batcher's decision, not the scorer's.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,45 +13,6 @@ from typing import Any
 import torch
 
 from rewardserve.engine.inputs import Encoded, TextEncoder
-
-# Per-forward fixed cost in token-equivalents (measured for all-MiniLM on this CPU): the
-# optimiser below trades it against padding when it splits a batch.
-FORWARD_OVERHEAD_TOKENS = 96
-# Past a few thousand padded tokens a CPU forward stops getting cheaper per token (activations
-# fall out of cache), so no micro-batch grows beyond this unless one sequence alone does.
-MICROBATCH_MAX_TOKENS = 4096
-
-
-def plan_microbatches(
-    lengths: Sequence[int],
-    overhead_tokens: int = FORWARD_OVERHEAD_TOKENS,
-    max_tokens: int = MICROBATCH_MAX_TOKENS,
-) -> list[list[int]]:
-    """Split items into micro-batches that minimise padded tokens + per-forward overhead.
-
-    Items are sorted by length; an optimal split of a sorted list into contiguous groups is a
-    small dynamic programme (cost of a group = size x its longest + overhead; groups over
-    `max_tokens` padded tokens are not allowed unless they hold one item). Returns lists of
-    indices into `lengths`.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    n = len(order)
-    best = [0.0] + [math.inf] * n
-    cut = [0] * (n + 1)
-    for end in range(1, n + 1):
-        longest = lengths[order[end - 1]]
-        for start in range(end - 1, -1, -1):
-            if end - start > 1 and (end - start) * longest > max_tokens:
-                break
-            cost = best[start] + (end - start) * longest + overhead_tokens
-            if cost < best[end]:
-                best[end], cut[end] = cost, start
-    groups: list[list[int]] = []
-    end = n
-    while end > 0:
-        groups.append(order[cut[end] : end])
-        end = cut[end]
-    return groups[::-1]
 
 
 @dataclass
@@ -100,15 +59,8 @@ class RewardScorer:
 
     @torch.inference_mode()
     def forward(self, batch: Sequence[Encoded]) -> list[float]:
-        """Raw rewards for already-encoded items, in the order given."""
-        rewards = [0.0] * len(batch)
-        for group in plan_microbatches([len(e) for e in batch]):
-            values = self._forward_padded([batch[i].input_ids for i in group])
-            for i, v in zip(group, values, strict=True):
-                rewards[i] = v
-        return rewards
-
-    def _forward_padded(self, seqs: list[list[int]]) -> list[float]:
+        """Raw rewards of already-encoded items, in the order given: one padded forward."""
+        seqs = [e.input_ids for e in batch]
         longest = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), longest), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), longest), dtype=torch.long)
