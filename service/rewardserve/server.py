@@ -9,16 +9,16 @@ import signal
 import uvicorn
 
 from rewardserve.config import Settings
-from rewardserve.engine.engine import ScoringEngine
 from rewardserve.grpc.server import GrpcServer
 from rewardserve.http.app import build_app
+from rewardserve.runtime import Runtime
 
 log = logging.getLogger("rewardserve")
 
 
 async def serve(settings: Settings) -> None:
-    engine = ScoringEngine(settings)
-    app = build_app(settings, engine)
+    runtime = Runtime(settings)
+    app = build_app(settings, runtime)
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -28,7 +28,7 @@ async def serve(settings: Settings) -> None:
         timeout_graceful_shutdown=5,
     )
     http = uvicorn.Server(config)
-    grpc_server = GrpcServer(settings, engine) if settings.grpc_enabled else None
+    grpc_server = GrpcServer(settings, runtime) if settings.grpc_enabled else None
 
     # Transports come up first so /healthz answers and /readyz says 503 while models load.
     http_task = asyncio.create_task(http.serve())
@@ -40,15 +40,16 @@ async def serve(settings: Settings) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, lambda: setattr(http, "should_exit", True))
     try:
-        await engine.start()
+        await runtime.start()
         if grpc_server:
             await grpc_server.set_serving(True)
-        log.info("ready: %s", ", ".join(sorted(engine.models)) or "no models")
+        loaded = sorted(runtime.scoring.models) + sorted(runtime.policies.loaded)
+        log.info("ready: %s", ", ".join(loaded) or "no models")
         await http_task
     finally:
         http.should_exit = True
         if grpc_server:
             await grpc_server.stop()
-        await engine.close()
+        await runtime.close()
         if not http_task.done():
             await http_task

@@ -215,7 +215,8 @@ class ScoringEngine:
 
     # ---- scoring ---------------------------------------------------------------------
 
-    def _render(self, model: LoadedModel, item: ScoreItem) -> str:
+    def render(self, model: LoadedModel, item: ScoreItem) -> str:
+        """The text a reward model scores for an item: its template or HH text."""
         if item.text is not None:
             return item.text
         if item.messages is not None:
@@ -261,7 +262,7 @@ class ScoringEngine:
         if len(req.items) > self.settings.max_items_per_request:
             self._check_limits([""] * len(req.items), "items")
         model = self.resolve(req.model)
-        texts = [self._render(model, it) for it in req.items]
+        texts = [self.render(model, it) for it in req.items]
         model, encoded, rewards = await self.score_texts(model.scorer.name, texts, timeout_s)
         norm = model.scorer.normalizer
         results = [

@@ -5,12 +5,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import ValidationError
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from pydantic import BaseModel, ValidationError
 
+from rewardserve.bon.service import ScoredCandidate
 from rewardserve.grpc.decoding import Undecodable
+from rewardserve.schemas.bon import BestOfNRequest, BestOfNResponse, RerankRequest, RerankResponse
 from rewardserve.schemas.errors import InvalidArgument, from_validation_error
 from rewardserve.schemas.models import ModelInfo
 from rewardserve.schemas.scoring import ScoreRequest, ScoreResponse
+from rewardserve.v1 import bon_pb2 as bon_pb
 from rewardserve.v1 import scoring_pb2 as pb
 
 
@@ -68,3 +73,57 @@ def model_info(m: ModelInfo) -> pb.ModelInfo:
         description=m.description,
         error=m.error or "",
     )
+
+
+# ---- Best-of-N and rerank: the messages' JSON form is the REST body ---------------------
+
+
+def _as_dict(msg: Message | Undecodable) -> dict[str, Any]:
+    if isinstance(msg, Undecodable):
+        raise InvalidArgument(
+            f"the request message could not be decoded: {msg.reason}", field="body"
+        )
+    data = json_format.MessageToDict(msg, preserving_proto_field_name=True)
+    # Conversation wraps the message list; REST carries the list itself.
+    for holder in [data, *data.get("prompts", [])]:
+        if "messages" in holder:
+            holder["messages"] = holder["messages"].get("messages", [])
+    return data
+
+
+def _validated(model: type[BaseModel], data: dict[str, Any]) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise from_validation_error(e) from None
+
+
+def bon_request(msg: bon_pb.BestOfNRequest | Undecodable) -> BestOfNRequest:
+    data = _as_dict(msg)
+    data.setdefault("prompts", [])  # absent when empty: let validation name the field
+    if not data["prompts"]:
+        raise InvalidArgument("give at least one prompt", field="prompts")
+    return _validated(BestOfNRequest, data)
+
+
+def rerank_request(msg: bon_pb.RerankRequest | Undecodable) -> RerankRequest:
+    return _validated(RerankRequest, _as_dict(msg))
+
+
+def _to_pb(obj: BaseModel, message: Message) -> Any:
+    return json_format.ParseDict(obj.model_dump(), message)
+
+
+def bon_response(resp: BestOfNResponse) -> bon_pb.BestOfNResponse:
+    return _to_pb(resp, bon_pb.BestOfNResponse())
+
+
+def bon_event(event: ScoredCandidate) -> bon_pb.BestOfNEvent:
+    scored = bon_pb.ScoredCandidate(
+        prompt_index=event.prompt_index, candidate=_to_pb(event.candidate, bon_pb.Candidate())
+    )
+    return bon_pb.BestOfNEvent(candidate=scored)
+
+
+def rerank_response(resp: RerankResponse) -> bon_pb.RerankResponse:
+    return _to_pb(resp, bon_pb.RerankResponse())

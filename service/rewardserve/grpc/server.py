@@ -7,18 +7,19 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from rewardserve.config import Settings
-from rewardserve.engine.engine import ScoringEngine
 from rewardserve.grpc.auth import ApiKeyInterceptor
 from rewardserve.grpc.decoding import SafeDecoding
-from rewardserve.grpc.servicers import RewardServicer
-from rewardserve.v1 import scoring_pb2, scoring_pb2_grpc
+from rewardserve.grpc.servicers import BestOfNServicer, RewardServicer
+from rewardserve.runtime import Runtime
+from rewardserve.v1 import bon_pb2, bon_pb2_grpc, scoring_pb2, scoring_pb2_grpc
 
 SERVICE_NAME = scoring_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name
+BON_SERVICE_NAME = bon_pb2.DESCRIPTOR.services_by_name["BestOfNService"].full_name
 
 
 class GrpcServer:
-    def __init__(self, settings: Settings, engine: ScoringEngine) -> None:
-        self.settings, self.engine = settings, engine
+    def __init__(self, settings: Settings, runtime: Runtime) -> None:
+        self.settings, self.runtime = settings, runtime
         self.server = grpc.aio.server(
             interceptors=[ApiKeyInterceptor(settings.key_scopes()), SafeDecoding()],
             options=[
@@ -26,11 +27,13 @@ class GrpcServer:
                 ("grpc.max_send_message_length", 64 * 1024 * 1024),
             ],
         )
-        scoring_pb2_grpc.add_RewardServiceServicer_to_server(RewardServicer(engine), self.server)
+        scoring_pb2_grpc.add_RewardServiceServicer_to_server(RewardServicer(runtime), self.server)
+        bon_pb2_grpc.add_BestOfNServiceServicer_to_server(BestOfNServicer(runtime), self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+            (SERVICE_NAME, BON_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+            self.server,
         )
         self.port = self.server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
 
@@ -43,7 +46,7 @@ class GrpcServer:
             if serving
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
-        for name in ("", SERVICE_NAME):
+        for name in ("", SERVICE_NAME, BON_SERVICE_NAME):
             await self.health.set(name, status)
 
     async def stop(self, grace: float = 5.0) -> None:

@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 import grpc
 
 from rewardserve import metrics
-from rewardserve.engine.engine import ScoringEngine
 from rewardserve.grpc import convert
+from rewardserve.runtime import Runtime
+from rewardserve.schemas.bon import BestOfNResponse
 from rewardserve.schemas.errors import Overloaded, ServiceError
+from rewardserve.v1 import bon_pb2 as bon_pb
+from rewardserve.v1 import bon_pb2_grpc as bon_grpc
 from rewardserve.v1 import scoring_pb2 as pb
 from rewardserve.v1 import scoring_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
 
 
 async def abort_with(context: grpc.aio.ServicerContext, err: ServiceError) -> None:
@@ -27,14 +33,31 @@ async def abort_with(context: grpc.aio.ServicerContext, err: ServiceError) -> No
     await context.abort(grpc.StatusCode[err.grpc_status], err.message)
 
 
+async def unary(
+    name: str, context: grpc.aio.ServicerContext, work: Callable[[], Awaitable[T]]
+) -> T:
+    """Run a unary RPC's work: errors become the matching status, every call is counted."""
+    started, code = time.perf_counter(), "OK"
+    try:
+        return await work()
+    except ServiceError as e:
+        code = e.grpc_status
+        await abort_with(context, e)
+        raise  # unreachable: abort raises
+    finally:
+        metrics.REQUESTS.labels("grpc", name, code).inc()
+        metrics.LATENCY.labels("grpc", name).observe(time.perf_counter() - started)
+
+
 def _timeout(context: grpc.aio.ServicerContext) -> float | None:
     remaining = context.time_remaining()
     return remaining if remaining is not None and remaining > 0 else None
 
 
 class RewardServicer(pb_grpc.RewardServiceServicer):
-    def __init__(self, engine: ScoringEngine) -> None:
-        self.engine = engine
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.engine = runtime.scoring
 
     async def _score(
         self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext
@@ -45,16 +68,7 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
     async def Score(
         self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext
     ) -> pb.ScoreResponse:
-        started, code = time.perf_counter(), "OK"
-        try:
-            return await self._score(request, context)
-        except ServiceError as e:
-            code = e.grpc_status
-            await abort_with(context, e)
-            raise  # unreachable: abort raises
-        finally:
-            metrics.REQUESTS.labels("grpc", "Score", code).inc()
-            metrics.LATENCY.labels("grpc", "Score").observe(time.perf_counter() - started)
+        return await unary("Score", context, lambda: self._score(request, context))
 
     async def ScoreStream(
         self, request_iterator: AsyncIterator[pb.ScoreRequest], context: grpc.aio.ServicerContext
@@ -91,5 +105,44 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
     ) -> pb.ListModelsResponse:
         metrics.REQUESTS.labels("grpc", "ListModels", "OK").inc()
         return pb.ListModelsResponse(
-            models=[convert.model_info(m) for m in self.engine.list_models()]
+            models=[convert.model_info(m) for m in self.runtime.list_models()]
         )
+
+
+class BestOfNServicer(bon_grpc.BestOfNServiceServicer):
+    def __init__(self, runtime: Runtime) -> None:
+        self.bon = runtime.bon
+
+    async def BestOfN(
+        self, request: bon_pb.BestOfNRequest, context: grpc.aio.ServicerContext
+    ) -> bon_pb.BestOfNResponse:
+        async def work() -> bon_pb.BestOfNResponse:
+            return convert.bon_response(await self.bon.run(convert.bon_request(request)))
+
+        return await unary("BestOfN", context, work)
+
+    async def BestOfNStream(
+        self, request: bon_pb.BestOfNRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bon_pb.BestOfNEvent]:
+        """Each candidate as soon as it is scored, then the result."""
+        code = "OK"
+        try:
+            async for event in self.bon.stream(convert.bon_request(request)):
+                if isinstance(event, BestOfNResponse):
+                    yield bon_pb.BestOfNEvent(result=convert.bon_response(event))
+                else:
+                    yield convert.bon_event(event)
+        except ServiceError as e:
+            code = e.grpc_status
+            await abort_with(context, e)
+        finally:
+            metrics.REQUESTS.labels("grpc", "BestOfNStream", code).inc()
+
+    async def Rerank(
+        self, request: bon_pb.RerankRequest, context: grpc.aio.ServicerContext
+    ) -> bon_pb.RerankResponse:
+        async def work() -> bon_pb.RerankResponse:
+            req = convert.rerank_request(request)
+            return convert.rerank_response(await self.bon.rerank(req, _timeout(context)))
+
+        return await unary("Rerank", context, work)

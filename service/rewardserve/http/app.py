@@ -9,17 +9,17 @@ from fastapi import FastAPI
 
 from rewardserve import __version__
 from rewardserve.config import Settings
-from rewardserve.engine.engine import ScoringEngine
 from rewardserve.http.errors import install_error_handlers
 from rewardserve.http.middleware import BodyGuard, Metrics
-from rewardserve.http.routers import compat, health, models, scoring
+from rewardserve.http.routers import bon, compat, health, models, scoring
+from rewardserve.runtime import Runtime
 
 
-def build_app(settings: Settings, engine: ScoringEngine | None = None) -> FastAPI:
-    """The REST app. Without an engine, the lifespan builds and starts one from settings;
+def build_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
+    """The REST app. Without a runtime, the lifespan builds and starts one from settings;
     with one (shared with gRPC), its owner starts and closes it."""
-    owns_engine = engine is None
-    eng = engine or ScoringEngine(settings)
+    owns_engine = runtime is None
+    eng = runtime or Runtime(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -32,10 +32,10 @@ def build_app(settings: Settings, engine: ScoringEngine | None = None) -> FastAP
                 await eng.close()
 
     app = FastAPI(title="rewardserve", version=__version__, lifespan=lifespan)
-    app.state.engine = eng
+    app.state.runtime = eng
     app.state.api_keys = settings.key_scopes()
     install_error_handlers(app)
-    for module in (health, scoring, models, compat):
+    for module in (health, scoring, bon, models, compat):
         app.include_router(module.router)
     app.add_middleware(BodyGuard, limit=settings.max_body_bytes)
     app.add_middleware(Metrics)

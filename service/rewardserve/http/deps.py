@@ -5,13 +5,18 @@ from __future__ import annotations
 from fastapi import Request
 
 from rewardserve.engine.engine import ScoringEngine
+from rewardserve.runtime import Runtime
 from rewardserve.schemas.errors import InvalidArgument
 
 TIMEOUT_HEADER = "x-request-timeout"
 
 
+def runtime(request: Request) -> Runtime:
+    return request.app.state.runtime
+
+
 def engine(request: Request) -> ScoringEngine:
-    return request.app.state.engine
+    return runtime(request).scoring
 
 
 def timeout_s(request: Request) -> float | None:

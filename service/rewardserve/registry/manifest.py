@@ -7,7 +7,15 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 MANIFEST_NAME = "model.yaml"
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
@@ -61,6 +69,25 @@ class Head(_Strict):
     """openrlhf only: attribute name of the value head in the checkpoint."""
 
 
+class PolicySpec(_Strict):
+    """How a policy (kind: policy) generates."""
+
+    backend: Literal["auto", "vllm", "transformers", "openai"] = "auto"
+    """auto: the server's --policy-backend (vLLM where it is installed, else transformers).
+    openai: a remote OpenAI-compatible completions server; `source` then only holds the
+    tokenizer."""
+    base_url: str | None = None
+    """openai only: the server's API root, e.g. http://gpu-box:8000/v1."""
+    remote_model: str | None = None
+    """openai only: the model name on that server."""
+
+    @model_validator(mode="after")
+    def _remote_needs_address(self) -> PolicySpec:
+        if self.backend == "openai" and not (self.base_url and self.remote_model):
+            raise ValueError("backend 'openai' needs base_url and remote_model")
+        return self
+
+
 class Normalization(_Strict):
     mean: float = 0.0
     std: float = Field(1.0, gt=0)
@@ -73,6 +100,8 @@ class ModelManifest(_Strict):
     description: str = ""
     head: Head = Head()
     max_length: int = Field(512, ge=8, le=131072)
+    """Reward models: longest input scored (longer ones are truncated). Policies: the context
+    length, prompt plus generated tokens."""
     truncation_side: Literal["left", "right"] = "left"
     """left keeps the end of the response (the part a reward model judges); right keeps the
     start."""
@@ -86,7 +115,18 @@ class ModelManifest(_Strict):
     """int8: torch dynamic quantization of the Linear layers (CPU)."""
     trust_remote_code: bool = False
     default: bool = False
-    """Serve this reward model when a request names none."""
+    """Serve this model when a request names none (one reward model, one policy)."""
+    policy: PolicySpec | None = None
+    """Policies only: how they generate (defaults apply when absent)."""
+
+    @field_validator("policy")
+    @classmethod
+    def _policy_section_only_on_policies(
+        cls, v: PolicySpec | None, info: ValidationInfo
+    ) -> PolicySpec | None:
+        if v is not None and info.data.get("kind") != "policy":
+            raise ValueError("'policy' settings are for kind: policy only")
+        return v
 
 
 def _describe(err: ValidationError) -> tuple[str, str]:

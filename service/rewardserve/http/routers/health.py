@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from rewardserve.http.auth import require
-from rewardserve.http.deps import engine
+from rewardserve.http.deps import runtime
 
 router = APIRouter(tags=["health"])
 
@@ -19,10 +19,14 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(request: Request) -> JSONResponse:
-    """200 once every start-up model is loaded; 503 before."""
-    eng = engine(request)
-    body = {"ready": eng.ready, "loaded": sorted(eng.models), "expected": eng.expected}
-    return JSONResponse(body, status_code=200 if eng.ready else 503)
+    """200 once every start-up model (reward models and policies) is loaded; 503 before."""
+    rt = runtime(request)
+    body = {
+        "ready": rt.ready,
+        "loaded": sorted(rt.scoring.models) + sorted(rt.policies.loaded),
+        "expected": rt.scoring.expected + rt.policies.expected,
+    }
+    return JSONResponse(body, status_code=200 if rt.ready else 503)
 
 
 @router.get("/metrics", dependencies=[Depends(require("any"))])

