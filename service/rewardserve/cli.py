@@ -80,6 +80,73 @@ def convert_gguf(
     typer.echo(f"wrote {output}")
 
 
+@app.command("bon")
+def bon(
+    prompts: Path = typer.Option(
+        ...,
+        exists=True,
+        dir_okay=False,
+        help='JSON lines, each {"prompt": ...} or {"messages": [...]}.',
+    ),
+    out: Path = typer.Option(
+        ..., help="Output: one JSON line per prompt (chosen, reward, scores)."
+    ),
+    n: int = typer.Option(8, help="Candidates per prompt."),
+    max_tokens: int = typer.Option(64, help="New tokens per candidate."),
+    temperature: float = typer.Option(1.0),
+    top_p: float = typer.Option(1.0),
+    seed: int | None = typer.Option(None, help="Fixes the candidates (and soft choices)."),
+    strategy: str = typer.Option("full", help="full | speculative"),
+    selection: str = typer.Option("argmax", help="argmax | soft"),
+    policy: str | None = typer.Option(None, help="Policy name (default: the default policy)."),
+    reward_model: str | None = typer.Option(None, help="Reward model (default: the default)."),
+    batch_size: int = typer.Option(8, min=1, help="Prompts per Best-of-N call."),
+    model_repository: Path = typer.Option(Path("models"), help="The model repository."),
+    policy_backend: str = typer.Option("auto", help="auto | vllm | transformers"),
+) -> None:
+    """Best-of-N over a file of prompts, in process, with a progress bar: writes
+    rejection-sampling data (prompt, chosen, reward, all scores) for fine-tuning."""
+    import json
+
+    from pydantic import ValidationError
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from rewardserve.bon.offline import InputError, best_of_n_file, read_prompts
+    from rewardserve.config import Settings
+    from rewardserve.schemas.bon import BestOfNRequest
+
+    request = {
+        "n": n, "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p,
+        "seed": seed, "strategy": strategy, "selection": selection, "policy": policy,
+        "reward_model": reward_model,
+    }  # fmt: skip
+    try:  # the options, before any model is loaded
+        BestOfNRequest.model_validate(request | {"prompt": "check"})
+        settings = Settings(
+            model_repository=model_repository,
+            policy_backend=policy_backend,
+            max_prompts_per_request=max(batch_size, Settings().max_prompts_per_request),
+        )
+        items = read_prompts(prompts)
+    except ValidationError as e:
+        first = e.errors()[0]
+        flag = "--" + str(first["loc"][0]).replace("_", "-")
+        raise typer.BadParameter(first["msg"], param_hint=flag) from None
+    except InputError as e:
+        raise typer.BadParameter(str(e), param_hint="--prompts") from None
+    logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
+    columns = (*Progress.get_default_columns()[:1], BarColumn(), MofNCompleteColumn(),
+               TimeRemainingColumn())  # fmt: skip
+    with Progress(*columns) as progress:
+        task = progress.add_task("best-of-n", total=len(items))
+
+        def advance(k: int) -> None:
+            progress.advance(task, k)
+
+        summary = asyncio.run(best_of_n_file(settings, items, out, request, batch_size, advance))
+    typer.echo(json.dumps(summary | {"out": str(out)}, indent=2))
+
+
 @app.command()
 def version() -> None:
     """Print the version."""

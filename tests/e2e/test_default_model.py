@@ -34,9 +34,8 @@ def report() -> dict:
 
 
 @pytest.fixture(scope="module")
-def server(report: dict):
-    with RewardServer(ROOT / "models", cache_dir=CACHE, torch_threads=2) as srv:
-        yield srv
+def server(report: dict, default_server: RewardServer) -> RewardServer:
+    return default_server
 
 
 @pytest.fixture(scope="module")

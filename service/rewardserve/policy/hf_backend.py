@@ -18,6 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rewardserve.policy.base import Generation, Sampling
+from rewardserve.registry.loader import LOAD_LOCK
 
 log = logging.getLogger(__name__)
 
@@ -34,15 +35,17 @@ class TransformersPolicy:
     def __init__(self, name: str, folder: Path, max_model_len: int, dtype: str) -> None:
         self.name = name
         self.max_model_len = max_model_len
-        self.tokenizer: Any = AutoTokenizer.from_pretrained(folder)
-        self.tokenizer.padding_side = "left"
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
         # This backend runs on the CPU. bf16 matmuls have no fast path on CPUs without AMX (the
         # reward model ran 1.5x slower in bf16 here), so the weights load as float32 whatever
         # the manifest's dtype, which is vLLM's.
         del dtype
-        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        with LOAD_LOCK:  # see registry.loader
+            self.tokenizer: Any = AutoTokenizer.from_pretrained(folder)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        self.model = model.eval()
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"generate-{name}")
 
     async def generate(
@@ -67,6 +70,8 @@ class TransformersPolicy:
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)  # one generate thread: the global RNG is ours
         greedy = sampling.temperature == 0
+        # Greedy decoding gives one answer per prompt; generate it once, repeat it n times.
+        draws = 1 if greedy else n
         out = self.model.generate(
             input_ids=ids,
             attention_mask=mask,
@@ -75,7 +80,7 @@ class TransformersPolicy:
             top_p=None if greedy else sampling.top_p,
             top_k=None,
             max_new_tokens=sampling.max_tokens,
-            num_return_sequences=n,
+            num_return_sequences=draws,
             pad_token_id=tok.pad_token_id,
             stop_strings=list(sampling.stop) or None,
             tokenizer=tok if sampling.stop else None,
@@ -92,7 +97,9 @@ class TransformersPolicy:
             if stopped:
                 token_ids = tok(text, add_special_tokens=False)["input_ids"]
             reason = "stop" if finished or stopped else "length"
-            results.append(Generation(row // n, row % n, token_ids, text, reason))
+            for copy in range(n // draws):
+                index = row % draws + copy
+                results.append(Generation(row // draws, index, token_ids, text, reason))
         return results
 
     async def close(self) -> None:

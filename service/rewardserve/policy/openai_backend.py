@@ -18,6 +18,7 @@ import httpx
 from transformers import AutoTokenizer
 
 from rewardserve.policy.base import Generation, Sampling, derive_seed
+from rewardserve.registry.loader import LOAD_LOCK
 from rewardserve.schemas.errors import InvalidArgument, Unavailable
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,8 @@ class OpenAIPolicy:
     ) -> None:
         self.name = name
         self.max_model_len = max_model_len
-        self.tokenizer: Any = AutoTokenizer.from_pretrained(tokenizer_folder)
+        with LOAD_LOCK:  # see registry.loader
+            self.tokenizer: Any = AutoTokenizer.from_pretrained(tokenizer_folder)
         self.remote_model = remote_model
         self.max_retries = max_retries
         self.backoff_s = backoff_s

