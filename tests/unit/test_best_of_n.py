@@ -26,7 +26,7 @@ from rewardserve.engine.engine import ScoringEngine
 from rewardserve.policy.base import Sampling
 from rewardserve.policy.manager import PolicyManager
 from rewardserve.schemas.bon import BestOfNRequest, RerankRequest
-from rewardserve.schemas.errors import InvalidArgument, NotFound
+from rewardserve.schemas.errors import InvalidArgument, NotFound, Unavailable
 from rewardserve.schemas.scoring import ScoreRequest
 from servers import sharpen_weights
 
@@ -243,6 +243,18 @@ async def test_unknown_policy_and_reward_model_are_not_found(setup) -> None:
     with pytest.raises(NotFound) as info:
         await bon.run(BestOfNRequest(prompt=PROMPT, reward_model="nope"))
     assert info.value.field == "model"
+
+
+async def test_a_policy_whose_engine_died_is_unavailable_and_not_ready(setup) -> None:
+    policy = CategoricalPolicy(OUTPUTS, PROBS)
+    bon = service(setup, policy)
+    bon.policies.expected = [policy.name]
+    assert bon.policies.ready and bon.policies.status(policy.name) == "loaded"
+    policy.failure = "its engine stopped"  # what VllmPolicy sets on vLLM's EngineDeadError
+    with pytest.raises(Unavailable) as info:
+        await bon.run(BestOfNRequest(prompt=PROMPT, n=2))
+    assert "its engine stopped" in str(info.value)
+    assert not bon.policies.ready and bon.policies.status(policy.name) == "error"
 
 
 async def test_rerank_orders_by_the_scorers_rewards_and_cuts_top_k(setup, rewards) -> None:

@@ -43,6 +43,8 @@ class PolicyBackend(Protocol):
     tokenizer: Any
     """The policy's Hugging Face tokenizer: chat template, prompt token counts."""
     max_model_len: int
+    failure: str | None
+    """Why the backend can serve nothing more (its engine died); None while it is healthy."""
 
     def generate(
         self, prompts: Sequence[list[int]], n: int, sampling: Sampling

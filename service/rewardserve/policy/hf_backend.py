@@ -31,13 +31,14 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
 
 class TransformersPolicy:
     kind = "transformers"
+    failure: str | None = None  # nothing here dies for good: errors are per request
 
     def __init__(self, name: str, folder: Path, max_model_len: int, dtype: str) -> None:
         self.name = name
         self.max_model_len = max_model_len
         # This backend runs on the CPU. bf16 matmuls have no fast path on CPUs without AMX (the
-        # reward model ran 1.5x slower in bf16 here), so the weights load as float32 whatever
-        # the manifest's dtype, which is vLLM's.
+        # reward model ran 1.5x slower in bf16 on AVX-512), so the weights load as float32
+        # whatever the manifest's dtype, which is vLLM's.
         del dtype
         with LOAD_LOCK:  # see registry.loader
             self.tokenizer: Any = AutoTokenizer.from_pretrained(folder)

@@ -9,6 +9,7 @@ import os
 
 from rewardserve.config import Settings
 from rewardserve.policy.base import PolicyBackend
+from rewardserve.registry.dtypes import resolve_dtype
 from rewardserve.registry.manifest import ManifestError, ModelManifest, resolve_source
 from rewardserve.registry.repository import Entry, scan_repository
 from rewardserve.schemas.errors import InvalidArgument, NotFound, Unavailable
@@ -53,7 +54,11 @@ def build_backend(manifest: ModelManifest, entry: Entry, settings: Settings) -> 
         from rewardserve.policy.vllm_backend import VllmPolicy
 
         return VllmPolicy(
-            manifest.name, folder, manifest.max_length, manifest.dtype, settings.vllm_kv_cache_gib
+            manifest.name,
+            folder,
+            manifest.max_length,
+            resolve_dtype(manifest.dtype),
+            settings.vllm_kv_cache_gib,
         )
     from rewardserve.policy.hf_backend import TransformersPolicy
 
@@ -124,7 +129,7 @@ class PolicyManager:
 
     @property
     def ready(self) -> bool:
-        return all(n in self.loaded for n in self.expected)
+        return all(n in self.loaded and not self.loaded[n].failure for n in self.expected)
 
     def default_name(self) -> str | None:
         marked = [n for n, e in self.entries.items() if e.manifest and e.manifest.default]
@@ -140,6 +145,8 @@ class PolicyManager:
                 raise InvalidArgument(f"no default policy; name one of: {known}", field="policy")
         backend = self.loaded.get(name)
         if backend is not None:
+            if backend.failure:
+                raise Unavailable(f"policy '{name}' is not available: {backend.failure}")
             return backend
         if name in self.entries:
             why = self.errors.get(name, "not loaded")
@@ -149,5 +156,5 @@ class PolicyManager:
 
     def status(self, name: str) -> str:
         if name in self.loaded:
-            return "loaded"
+            return "error" if self.loaded[name].failure else "loaded"
         return "error" if name in self.errors else "available"

@@ -28,6 +28,7 @@ RETRY_STATUS = {429, 500, 502, 503, 504}
 
 class OpenAIPolicy:
     kind = "openai"
+    failure: str | None = None  # nothing here dies for good: errors are per request
 
     def __init__(
         self,

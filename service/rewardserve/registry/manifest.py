@@ -111,8 +111,10 @@ class ModelManifest(_Strict):
     normalization: Normalization | None = None
     """Reward mean/std; when absent they are read from the weights' config.json (mean, std),
     as OpenRLHF and `rewardserve train-rm` write them, else 0 and 1."""
-    dtype: Literal["float32", "bfloat16", "int8"] = "float32"
-    """int8: torch dynamic quantization of the Linear layers (CPU)."""
+    dtype: Literal["auto", "float32", "bfloat16", "int8"] = "float32"
+    """auto: bfloat16 where the hardware computes it natively (a CUDA GPU, a CPU with
+    AVX512-BF16 or AMX), else float32. int8: torch dynamic quantization of the Linear layers
+    (CPU, reward models only)."""
     trust_remote_code: bool = False
     default: bool = False
     """Serve this model when a request names none (one reward model, one policy)."""
@@ -126,6 +128,13 @@ class ModelManifest(_Strict):
     ) -> PolicySpec | None:
         if v is not None and info.data.get("kind") != "policy":
             raise ValueError("'policy' settings are for kind: policy only")
+        return v
+
+    @field_validator("dtype")
+    @classmethod
+    def _int8_only_on_reward_models(cls, v: str, info: ValidationInfo) -> str:
+        if v == "int8" and info.data.get("kind") == "policy":
+            raise ValueError("int8 is for reward models; a policy takes auto, float32 or bfloat16")
         return v
 
 
