@@ -53,8 +53,10 @@ test: models
 	$(VENV)/bin/ruff check service tests benchmarks loadtests
 	$(PY) -m pytest -q
 
+# Both take the whole machine (about 5 + 30 minutes on 2 cores): run them on a quiet one.
 bench: models
 	$(PY) benchmarks/bench_scoring.py
+	$(PY) benchmarks/bench_bon.py
 
 loadtest: models
 	$(PIP) install -q locust
