@@ -56,7 +56,8 @@ class VllmPolicy:
             # sample of a partial step is discarded by rewinding its generator, which CPU
             # generators cannot do ("CPU Generator does not use offset"). 8 requests x n=8 of
             # short prompts already passed the default 2,048-token step. Unchunked prefills,
-            # with a step that holds the longest prompt, never discard a sample.
+            # with a step that holds the longest prompt, never discard a sample; at least 8,192
+            # tokens so a burst of short prompts still prefills in one step.
             enable_chunked_prefill=False,
             max_num_batched_tokens=max(max_model_len, 8192),
         )
