@@ -49,11 +49,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # RewardServer: the test suite's server launcher
 
+from bench_scoring import tree_cpu_s  # noqa: E402  (benchmarks/ is this script's folder)
+
 from rewardserve.config import default_cache_dir  # noqa: E402
 from rewardserve.engine.inputs import render_hh  # noqa: E402
 from rewardserve.engine.scorer import RewardScorer  # noqa: E402
 from rewardserve.registry.loader import load_reward_model  # noqa: E402
 from rewardserve.registry.manifest import load_manifest  # noqa: E402
+from rewardserve.schemas.scoring import ChatMessage  # noqa: E402
 from servers import RewardServer  # noqa: E402
 
 DATA = ROOT.parent / "shared/data/hh-harmless/pairs.jsonl.gz"
@@ -85,14 +88,6 @@ class Shape:
     @property
     def load(self) -> str:
         return f"{self.prompts} in flight" if self.concurrent else "one at a time"
-
-
-@dataclass(frozen=True)
-class Message:
-    """A chat turn in the shape render_hh reads (attributes, not dict keys)."""
-
-    role: str
-    content: str
 
 
 # ---- prompts ------------------------------------------------------------------------------
@@ -191,14 +186,7 @@ def busy_cpu_s() -> float:
 
 def own_cpu_s() -> float:
     """CPU seconds of this process and its children: the server and its vLLM engine."""
-    total = 0.0
-    for proc in [psutil.Process(), *psutil.Process().children(recursive=True)]:
-        try:
-            t = proc.cpu_times()
-            total += t.user + t.system
-        except psutil.NoSuchProcess:
-            pass
-    return total
+    return tree_cpu_s(os.getpid())
 
 
 class OtherLoad:
@@ -264,8 +252,8 @@ class NaiveLoop:
         return self.tokenizer.decode(ids, skip_special_tokens=True), len(ids)
 
     def reward(self, messages: Messages, candidate: str) -> float:
-        turns = [Message(m["role"], m["content"]) for m in messages]
-        text = render_hh([*turns, Message("assistant", candidate)])
+        turns = [ChatMessage(**m) for m in messages]
+        text = render_hh([*turns, ChatMessage(role="assistant", content=candidate)])
         (reward,) = self.scorer.forward(self.scorer.encode([text]))
         return reward
 

@@ -71,9 +71,6 @@ class VllmPolicy:
         from vllm.sampling_params import RequestOutputKind
         from vllm.v1.engine.exceptions import EngineDeadError
 
-        if self.failure:
-            raise Unavailable(f"policy '{self.name}' is not available: {self.failure}")
-
         done: asyncio.Queue[Generation | BaseException | None] = asyncio.Queue()
         ids = [f"{self.name}-{uuid.uuid4().hex}" for _ in prompts]
         # vLLM refuses n > 1 with greedy decoding; greedy gives one answer, repeated n times.
@@ -110,8 +107,8 @@ class VllmPolicy:
             except VLLMClientError as e:  # vLLM refused the request: the caller's to fix
                 await done.put(InvalidArgument(f"the policy refused the request: {e}"))
             except EngineDeadError:
-                # vLLM does not restart a dead engine: say so now and on every later request,
-                # and fail /readyz so a supervisor restarts the service.
+                # vLLM does not restart a dead engine: say so now; PolicyManager refuses every
+                # later request and fails /readyz, so a supervisor restarts the service.
                 self.failure = "its vLLM engine stopped (see the server log); restart the server"
                 log.error("policy %s: vLLM engine died", self.name)
                 await done.put(Unavailable(f"policy '{self.name}': {self.failure}"))
