@@ -79,6 +79,14 @@ class Settings(BaseSettings):
     max_queue_items: int = Field(2048, ge=1)
     """Items waiting per model before new requests get 429 / RESOURCE_EXHAUSTED."""
 
+    batcher_max_restarts: int = Field(3, ge=0)
+    """Times a model's batcher loop is restarted after it dies (its queued and running items
+    fail with 503 each time). Past this the model stays failed, with /readyz 503, until an
+    admin unload and load."""
+
+    batcher_restart_backoff_s: float = Field(0.5, ge=0)
+    """Wait before the first restart of a dead batcher loop; doubles for each later one."""
+
     max_items_per_request: int = Field(512, ge=1)
     """Most items one score request may carry."""
 

@@ -30,7 +30,13 @@ TOKENS = Counter("rewardserve_tokens_total", "Tokens scored (rate() gives tokens
 ITEMS = Counter("rewardserve_items_total", "Items scored", ["model"])
 DROPPED = Counter(
     "rewardserve_dropped_items_total",
-    "Items dropped before the forward: caller gone or deadline passed",
+    "Items dropped before their forward, by reason: cancelled (the caller went away), "
+    "expired (its deadline passed), failed (a sibling item failed, the loop died, unloaded)",
+    ["model", "reason"],
+)
+LOOP_FAILURES = Counter(
+    "rewardserve_batcher_failures_total",
+    "Times a model's batcher loop died (each is followed by a restart, up to the limit)",
     ["model"],
 )
 REJECTED = Counter(

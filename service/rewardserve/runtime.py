@@ -29,6 +29,11 @@ class Runtime:
     def ready(self) -> bool:
         return self.scoring.ready and self.policies.ready
 
+    def failures(self) -> dict[str, str]:
+        """Loaded models (either kind) that cannot serve right now, and why."""
+        policies = {n: b.failure for n, b in self.policies.loaded.items() if b.failure}
+        return self.scoring.failures() | policies
+
     def list_models(self) -> list[ModelInfo]:
         """Reward models and policies; a policy's status is its backend's, not the scorer's."""
         out = []

@@ -15,9 +15,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from rewardserve.engine import batcher as batcher_module
 from rewardserve.engine.batcher import Batcher, BatchLimits, Pending, next_batch
 from rewardserve.engine.inputs import Encoded
-from rewardserve.schemas.errors import DeadlineExceeded, Overloaded, Unavailable
+from rewardserve.schemas.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    Overloaded,
+    Unavailable,
+)
 
 FAR = 1e12  # a deadline that never passes
 
@@ -171,8 +177,17 @@ def executor() -> Iterator[ThreadPoolExecutor]:
     ex.shutdown(wait=True, cancel_futures=True)
 
 
-def make_batcher(forward, executor, **limits) -> Batcher:
-    b = Batcher("test", forward, executor, BatchLimits(**limits))
+def make_batcher(
+    forward, executor, *, max_restarts: int = 3, restart_backoff_s: float = 0.0, **limits
+) -> Batcher:
+    b = Batcher(
+        "test",
+        forward,
+        executor,
+        BatchLimits(**limits),
+        max_restarts=max_restarts,
+        restart_backoff_s=restart_backoff_s,
+    )
     b.start()
     return b
 
@@ -297,13 +312,19 @@ async def test_admission_refuses_at_once_when_queue_would_overflow(executor) -> 
         await b.close()
 
 
-async def test_a_request_larger_than_the_queue_is_refused(executor) -> None:
+async def test_a_request_larger_than_the_whole_queue_is_invalid_not_overloaded(
+    executor,
+) -> None:
+    """Retrying could never make it fit, so it is a 400 naming the field, not a 429."""
     fwd = RecordingForward()
     b = make_batcher(fwd, executor, max_queue_items=3)
     try:
-        with pytest.raises(Overloaded):
+        with pytest.raises(InvalidArgument) as info:
             await b.submit([enc(1)] * 4, later())
+        assert info.value.http_status == 400 and info.value.field == "items"
+        assert "at most 3" in info.value.message
         assert fwd.calls == []
+        assert await b.submit([enc(1)] * 3, later()) == [1.0] * 3  # the whole queue fits
     finally:
         await b.close()
 
@@ -436,3 +457,243 @@ async def test_close_answers_the_batch_that_is_in_the_forward(executor) -> None:
         fwd.release.set()
         in_flight.cancel()
         await asyncio.gather(in_flight, return_exceptions=True)
+
+
+# ---- counting: only live items hold queue slots -------------------------------------------
+
+
+async def test_cancelled_items_free_their_queue_slots(executor) -> None:
+    fwd = RecordingForward(block=True)
+    b = make_batcher(fwd, executor, max_queue_items=4, max_wait_s=0)
+    try:
+        running = asyncio.create_task(b.submit([enc(1)], later()))
+        await wait_started(fwd)
+        gone = asyncio.create_task(b.submit([enc(666)] * 3, later()))
+        await asyncio.sleep(0.02)
+        assert b.queued == 3
+        gone.cancel()
+        await asyncio.gather(gone, return_exceptions=True)
+        assert b.queued == 0
+        assert b.dropped["cancelled"] == 3
+        # Four live items fit a queue of four, though the cancelled three are still in it.
+        fits = asyncio.create_task(b.submit([enc(2), enc(3), enc(4), enc(5)], later()))
+        await asyncio.sleep(0.02)
+        assert b.queued == 4
+        fwd.release.set()
+        assert await asyncio.wait_for(fits, 5) == [2.0, 3.0, 4.0, 5.0]
+        assert await asyncio.wait_for(running, 5) == [1.0]
+        assert [666] not in fwd.seen
+    finally:
+        fwd.release.set()
+        await b.close()
+
+
+async def test_expired_items_free_their_queue_slots_at_their_deadline(executor) -> None:
+    fwd = RecordingForward(block=True)
+    b = make_batcher(fwd, executor, max_queue_items=2, max_wait_s=0)
+    try:
+        running = asyncio.create_task(b.submit([enc(1)], later()))
+        await wait_started(fwd)
+        with pytest.raises(DeadlineExceeded):
+            await asyncio.wait_for(b.submit([enc(7), enc(8)], time.monotonic() + 0.05), 5)
+        assert b.queued == 0 and b.dropped["expired"] == 2
+        fits = asyncio.create_task(b.submit([enc(2), enc(3)], later()))  # no false 429
+        await asyncio.sleep(0.02)
+        fwd.release.set()
+        assert await asyncio.wait_for(fits, 5) == [2.0, 3.0]
+        assert await asyncio.wait_for(running, 5) == [1.0]
+        assert [7] not in fwd.seen and [8] not in fwd.seen
+    finally:
+        fwd.release.set()
+        await b.close()
+
+
+async def test_callers_with_their_own_admission_bypass_the_queue_limit(executor) -> None:
+    fwd = RecordingForward(block=True)
+    b = make_batcher(fwd, executor, max_queue_items=3, max_wait_s=0)
+    try:
+        running = asyncio.create_task(b.submit([enc(1)], later()))
+        await wait_started(fwd)
+        internal = asyncio.create_task(
+            b.submit([enc(i) for i in range(10, 15)], later(), enforce_queue_limit=False)
+        )
+        await asyncio.sleep(0.02)
+        assert b.queued == 5  # over the limit, and counted: other callers see the load
+        with pytest.raises(Overloaded):
+            await b.submit([enc(2)], later())
+        fwd.release.set()
+        assert await asyncio.wait_for(internal, 5) == [10.0, 11.0, 12.0, 13.0, 14.0]
+        assert await asyncio.wait_for(running, 5) == [1.0]
+    finally:
+        fwd.release.set()
+        await b.close()
+
+
+# ---- deadlines: a running forward never holds a caller past its deadline --------------------
+
+
+async def test_deadline_inside_a_running_forward_answers_at_the_deadline(executor) -> None:
+    fwd = RecordingForward(block=True)
+    b = make_batcher(fwd, executor, max_wait_s=0)
+    try:
+        with pytest.raises(DeadlineExceeded) as info:
+            await asyncio.wait_for(b.submit([enc(5), enc(6)], time.monotonic() + 0.1), 5)
+        assert info.value.http_status == 504 and "test" in info.value.message
+        assert fwd.started.is_set() and not fwd.release.is_set()  # the forward still runs
+        assert b.dropped["expired"] == 0  # they were forwarded, not dropped
+        fwd.release.set()  # its late result is discarded, and the loop goes on
+        assert await asyncio.wait_for(b.submit([enc(2)], later()), 5) == [2.0]
+    finally:
+        fwd.release.set()
+        await b.close()
+
+
+async def test_deadline_behind_a_running_forward_answers_at_the_deadline(executor) -> None:
+    fwd = RecordingForward(block=True)
+    b = make_batcher(fwd, executor, max_wait_s=0)
+    try:
+        running = asyncio.create_task(b.submit([enc(1)], later()))
+        await wait_started(fwd)
+        with pytest.raises(DeadlineExceeded):
+            await asyncio.wait_for(b.submit([enc(555)], time.monotonic() + 0.1), 5)
+        assert not fwd.release.is_set()  # answered while the forward ahead still runs
+        assert b.dropped["expired"] == 1 and b.queued == 0
+        fwd.release.set()
+        assert await asyncio.wait_for(running, 5) == [1.0]
+        assert await asyncio.wait_for(b.submit([enc(2)], later()), 5) == [2.0]
+        assert [555] not in fwd.seen
+    finally:
+        fwd.release.set()
+        await b.close()
+
+
+async def test_a_cancelled_caller_in_the_forward_is_not_counted_as_dropped(executor) -> None:
+    fwd = RecordingForward(block=True)
+    b = make_batcher(fwd, executor, max_wait_s=0)
+    try:
+        running = asyncio.create_task(b.submit([enc(1)], later()))
+        await wait_started(fwd)
+        queued = asyncio.create_task(b.submit([enc(2), enc(3)], later()))
+        await asyncio.sleep(0.02)
+        running.cancel()
+        queued.cancel()
+        await asyncio.gather(running, queued, return_exceptions=True)
+        assert b.dropped == {"cancelled": 2}  # only the queued two never reached a forward
+        fwd.release.set()
+        assert await asyncio.wait_for(b.submit([enc(4)], later()), 5) == [4.0]
+        assert fwd.seen == [[1], [4]]
+    finally:
+        fwd.release.set()
+        await b.close()
+
+
+# ---- supervision: a dead loop answers everyone, restarts, and gives up past the limit -------
+
+
+class ShortForward(RecordingForward):
+    """Breaks the forward contract: one reward too few whenever the batch holds `bad`."""
+
+    def __init__(self, bad: int, **kw) -> None:
+        super().__init__(**kw)
+        self.bad = bad
+
+    def __call__(self, batch: Sequence[Encoded]) -> list[float]:
+        rewards = super().__call__(batch)
+        return rewards[:-1] if any(self.bad in e.input_ids for e in batch) else rewards
+
+
+async def test_a_dead_loop_fails_its_batch_and_queue_with_unavailable_then_restarts(
+    executor,
+) -> None:
+    fwd = ShortForward(bad=13, block=True)
+    b = make_batcher(fwd, executor, max_wait_s=0, max_restarts=3)
+    try:
+        in_forward = asyncio.create_task(b.submit([enc(13)], later()))
+        await wait_started(fwd)
+        queued = asyncio.create_task(b.submit([enc(2), enc(3)], later()))
+        await asyncio.sleep(0.02)
+        fwd.release.set()
+        for task in (in_forward, queued):
+            with pytest.raises(Unavailable) as info:
+                await asyncio.wait_for(task, 5)
+            assert info.value.http_status == 503
+            assert "'test'" in info.value.message
+            assert "0 rewards for 1 items" in info.value.message
+        assert b.dropped["failed"] == 2 and b.queued == 0
+        assert b.restarts == 1 and not b.gave_up
+        # the restarted loop serves again
+        assert await asyncio.wait_for(b.submit([enc(4), enc(5)], later()), 5) == [4.0, 5.0]
+        assert b.failure is None
+    finally:
+        fwd.release.set()
+        await b.close()
+
+
+async def test_the_restart_limit_holds_and_a_given_up_model_refuses_at_once(executor) -> None:
+    fwd = ShortForward(bad=13)
+    b = make_batcher(fwd, executor, max_wait_s=0, max_restarts=2)
+    try:
+        for restarts in (1, 2):
+            with pytest.raises(Unavailable, match=rf"restarting \({restarts} of 2\)"):
+                await asyncio.wait_for(b.submit([enc(13)], later()), 5)
+            assert await asyncio.wait_for(b.submit([enc(1)], later()), 5) == [1.0]
+        with pytest.raises(Unavailable, match="gave up after 2 restarts"):
+            await asyncio.wait_for(b.submit([enc(13)], later()), 5)
+        assert b.gave_up and b.failure and "unload and load" in b.failure
+        calls = len(fwd.calls)
+        for _ in range(2):  # refused at once, never queued
+            with pytest.raises(Unavailable, match="gave up"):
+                await asyncio.wait_for(b.submit([enc(1)], later()), 5)
+        assert len(fwd.calls) == calls
+    finally:
+        await b.close()
+
+
+async def test_submissions_while_the_loop_waits_to_restart_get_503_at_once(executor) -> None:
+    fwd = ShortForward(bad=13)
+    b = make_batcher(fwd, executor, max_wait_s=0, restart_backoff_s=60)
+    try:
+        with pytest.raises(Unavailable):
+            await asyncio.wait_for(b.submit([enc(13)], later()), 5)
+        assert b.failure and "restarting (1 of 3)" in b.failure
+        with pytest.raises(Unavailable, match="restarting"):
+            await asyncio.wait_for(b.submit([enc(1)], later()), 5)
+    finally:
+        await b.close()  # also ends the backoff wait
+    with pytest.raises(Unavailable, match="not loaded"):
+        await b.submit([enc(1)], later())
+
+
+class FailOnce:
+    """Stands in for a metrics object: its first use raises, later uses reach the real one."""
+
+    def __init__(self, real) -> None:
+        self.real, self.failed = real, False
+
+    def labels(self, *args):
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("metrics backend broke")
+        return self.real.labels(*args)
+
+
+async def test_a_metrics_failure_after_a_forward_is_supervised(executor, monkeypatch) -> None:
+    monkeypatch.setattr(batcher_module.metrics, "ITEMS", FailOnce(batcher_module.metrics.ITEMS))
+    fwd = RecordingForward(block=True)
+    b = make_batcher(fwd, executor, max_wait_s=0)
+    try:
+        first = asyncio.create_task(b.submit([enc(1)], later()))
+        await wait_started(fwd)
+        queued = asyncio.create_task(b.submit([enc(2)], later()))
+        await asyncio.sleep(0.02)
+        fwd.release.set()
+        # The forward's own caller was answered before the metrics ran; the one behind it
+        # was held by the loop that died, and learns so at once rather than never.
+        assert await asyncio.wait_for(first, 5) == [1.0]
+        with pytest.raises(Unavailable, match="metrics backend broke"):
+            await asyncio.wait_for(queued, 5)
+        assert await asyncio.wait_for(b.submit([enc(3)], later()), 5) == [3.0]
+        assert b.restarts == 1
+    finally:
+        fwd.release.set()
+        await b.close()

@@ -8,6 +8,12 @@ keeps serving; its callers are answered as soon as it ends, and the next forward
 afresh with whatever arrived meanwhile. Answering per forward, rather than per gathered
 batch, keeps the model busy while answered clients send their next requests, and lets new
 arrivals join a length-matched forward. Nothing here knows of HTTP or gRPC.
+
+The loop is supervised: if it dies (a bug outside a forward, a forward that breaks its
+contract), every item it holds fails at once with Unavailable, the batcher reports itself
+failed (the model shows as errored and readiness turns red) and the loop restarts a bounded
+number of times. Each caller waits at most until its own deadline, whether its items are
+queued or inside a running forward; a late result is discarded.
 """
 
 from __future__ import annotations
@@ -16,14 +22,14 @@ import asyncio
 import logging
 import math
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 from rewardserve import metrics
 from rewardserve.engine.inputs import Encoded
-from rewardserve.schemas.errors import DeadlineExceeded, Overloaded, Unavailable
+from rewardserve.schemas.errors import DeadlineExceeded, InvalidArgument, Overloaded, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +49,8 @@ class Pending:
     """time.monotonic() after which the result is useless."""
     future: asyncio.Future[float] = field(repr=False)
     queued_at: float = field(default_factory=time.monotonic)
+    state: str = "queued"
+    """queued -> running (in a forward) or done (its caller stopped waiting)."""
 
 
 @dataclass(frozen=True)
@@ -122,66 +130,215 @@ def next_batch(queue: deque[Pending], limits: BatchLimits, now: float) -> list[P
     return [p for i, p in enumerate(window) if i in chosen]
 
 
+class ForwardContractError(RuntimeError):
+    """A forward returned something other than one reward per item: its results cannot be
+    matched to their items, so the batcher treats the model as broken, not the batch."""
+
+
+def _drop_reason(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.CancelledError):
+        return "cancelled"  # the caller went away (client disconnect, task cancelled)
+    if isinstance(exc, DeadlineExceeded):
+        return "expired"
+    return "failed"  # a sibling item failed, the loop died or the model was unloaded
+
+
 class Batcher:
     def __init__(
-        self, name: str, forward: ForwardFn, executor: Executor, limits: BatchLimits
+        self,
+        name: str,
+        forward: ForwardFn,
+        executor: Executor,
+        limits: BatchLimits,
+        *,
+        max_restarts: int = 3,
+        restart_backoff_s: float = 0.5,
     ) -> None:
         self.name = name
         self._forward = forward
         self._executor = executor
         self.limits = limits
+        self.max_restarts = max_restarts
+        self.restart_backoff_s = restart_backoff_s
         self._queue: deque[Pending] = deque()
+        # Items still waiting for a forward; the deque may also hold items whose callers
+        # already stopped waiting, which are skipped when reached and must not count.
+        self._live = 0
+        self._in_flight: list[Pending] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._avg_item_s = 0.02  # running estimate, for Retry-After
         self._last_batch_size = 0
+        self.restarts = 0
+        self.gave_up = False
+        """The loop failed more than max_restarts times: failed until unloaded and loaded."""
+        self.failure: str | None = None
+        """Why the loop is down (None while it serves)."""
+        self.dropped: Counter[str] = Counter()
+        """Items that left the queue without a forward, by reason: cancelled, expired, failed."""
 
     @property
     def queued(self) -> int:
-        return len(self._queue)
+        """Items waiting for a forward whose callers still wait for them."""
+        return self._live
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name=f"batcher-{self.name}")
+        self._task = asyncio.create_task(self._supervise(), name=f"batcher-{self.name}")
+        self._task.add_done_callback(self._on_task_exit)
 
     async def close(self) -> None:
-        """Stop the loop; items still queued fail with Unavailable."""
+        """Stop the loop; items queued or in the forward fail with Unavailable."""
         self._closed = True
         if self._task:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        while self._queue:
-            p = self._queue.popleft()
-            if not p.future.done():
-                p.future.set_exception(Unavailable(f"model '{self.name}' was unloaded"))
+        self._fail_held(f"model '{self.name}' was unloaded")
         metrics.QUEUE_DEPTH.labels(self.name).set(0)
 
-    async def submit(self, items: Sequence[Encoded], deadline: float) -> list[float]:
-        """Rewards for `items`, in order. Refuses at once when the queue is full."""
+    def check_request_size(self, n: int, field: str = "items") -> None:
+        """A request the whole queue could never hold is the caller's error, not overload:
+        retrying it would never succeed."""
+        if n > self.limits.max_queue_items:
+            raise InvalidArgument(
+                f"{n} items in one request, but model '{self.name}' queues at most "
+                f"{self.limits.max_queue_items}; split the request",
+                field=field,
+            )
+
+    async def submit(
+        self, items: Sequence[Encoded], deadline: float, *, enforce_queue_limit: bool = True
+    ) -> list[float]:
+        """Rewards for `items`, in order, or an error by `deadline` at the latest.
+
+        Refuses at once when the queue is full (429) or the model is down (503). Callers that
+        do their own admission (Best-of-N) pass enforce_queue_limit=False: their items are
+        queued regardless, and count toward the limit other callers see.
+        """
         if self._closed:
             raise Unavailable(f"model '{self.name}' is not loaded")
-        if self.queued + len(items) > self.limits.max_queue_items:
-            metrics.REJECTED.labels(self.name).inc()
-            retry = max(1.0, self.queued * self._avg_item_s)
-            raise Overloaded(
-                f"model '{self.name}' has {self.queued} items queued "
-                f"(limit {self.limits.max_queue_items}); retry later",
-                retry_after_s=round(retry, 1),
-            )
+        if self.failure is not None:
+            raise Unavailable(f"model '{self.name}' is unavailable: {self.failure}")
+        if enforce_queue_limit:
+            self.check_request_size(len(items))
+            if self._live + len(items) > self.limits.max_queue_items:
+                metrics.REJECTED.labels(self.name).inc()
+                retry = max(1.0, self._live * self._avg_item_s)
+                raise Overloaded(
+                    f"model '{self.name}' has {self._live} items queued "
+                    f"(limit {self.limits.max_queue_items}); retry later",
+                    retry_after_s=round(retry, 1),
+                )
         if deadline <= time.monotonic():
             raise DeadlineExceeded("deadline passed before the items were queued")
+        if not items:
+            return []
         loop = asyncio.get_running_loop()
         pending = [Pending(it, deadline, loop.create_future()) for it in items]
         self._queue.extend(pending)
-        metrics.QUEUE_DEPTH.labels(self.name).set(self.queued)
+        self._live += len(pending)
+        metrics.QUEUE_DEPTH.labels(self.name).set(self._live)
         self._wake.set()
         try:
-            return list(await asyncio.gather(*(p.future for p in pending)))
-        except BaseException:
-            # Caller cancelled or one item failed: the rest need not run.
+            # Wait for the results or the deadline, whichever comes first: a running forward
+            # never holds a caller past its deadline.
+            _, waiting = await asyncio.wait(
+                [p.future for p in pending],
+                timeout=max(0.0, deadline - time.monotonic()),
+                return_when=asyncio.FIRST_EXCEPTION,
+            )
             for p in pending:
-                p.future.cancel()
+                if p.future.done() and (exc := p.future.exception()) is not None:
+                    raise exc
+            if waiting:
+                raise DeadlineExceeded(
+                    f"deadline passed with {len(waiting)} of {len(pending)} items not yet "
+                    f"scored by model '{self.name}'"
+                )
+            return [p.future.result() for p in pending]
+        except BaseException as e:
+            # Cancelled, expired or one item failed: the rest need not run.
+            self._abandon(pending, _drop_reason(e))
             raise
+
+    def _abandon(self, pending: Sequence[Pending], reason: str) -> None:
+        """The caller stopped waiting for `pending`: drop what is still queued, discard what
+        a running forward will return."""
+        dropped = 0
+        for p in pending:
+            if p.state == "queued":
+                self._live -= 1
+                dropped += 1
+            p.state = "done"
+            if not p.future.done():
+                p.future.cancel()
+            elif not p.future.cancelled():
+                p.future.exception()  # one error answers the request; mark the rest retrieved
+        if dropped:
+            self.dropped[reason] += dropped
+            metrics.DROPPED.labels(self.name, reason).inc(dropped)
+            metrics.QUEUE_DEPTH.labels(self.name).set(self._live)
+
+    def _fail_held(self, message: str) -> None:
+        """Fail every item the loop holds, queued or in the forward, with Unavailable."""
+        failed = 0
+        for p in [*self._in_flight, *self._queue]:
+            if not p.future.done():
+                p.future.set_exception(Unavailable(message))
+            if p.state == "queued":
+                p.state = "done"
+                failed += 1
+        self._in_flight = []
+        self._queue.clear()
+        self._live -= failed
+        if failed:
+            self.dropped["failed"] += failed
+            metrics.DROPPED.labels(self.name, "failed").inc(failed)
+        metrics.QUEUE_DEPTH.labels(self.name).set(self._live)
+
+    # ---- the supervised loop ---------------------------------------------------------------
+
+    async def _supervise(self) -> None:
+        while True:
+            try:
+                await self._run()
+            except Exception as e:  # CancelledError (close) is not caught: it ends the task
+                if not self._loop_failed(e):
+                    return
+                await asyncio.sleep(self.restart_backoff_s * 2 ** (self.restarts - 1))
+                log.warning(
+                    "batcher loop of %s restarted (%d of %d)",
+                    self.name,
+                    self.restarts,
+                    self.max_restarts,
+                )
+                self.failure = None
+
+    def _loop_failed(self, exc: BaseException, *, final: bool = False) -> bool:
+        """Answer everything the dead loop held and record why; True when it may restart."""
+        reason = f"batcher loop failed ({type(exc).__name__}: {exc})"
+        self.gave_up = final or self.restarts >= self.max_restarts
+        if self.gave_up:
+            self.failure = (
+                f"{reason}; gave up after {self.restarts} restarts "
+                "(unload and load the model to serve it again)"
+            )
+        else:
+            self.restarts += 1
+            self.failure = f"{reason}; restarting ({self.restarts} of {self.max_restarts})"
+        # Answer the callers first: nothing after this may leave them waiting.
+        self._fail_held(f"model '{self.name}' is unavailable: {self.failure}")
+        log.error("model %s: %s", self.name, self.failure, exc_info=exc)
+        metrics.LOOP_FAILURES.labels(self.name).inc()
+        return not self.gave_up
+
+    def _on_task_exit(self, task: asyncio.Task[None]) -> None:
+        # The supervisor itself ended without giving up (a BaseException, a failure while
+        # handling one, or the event loop cancelling it): nobody is left to answer.
+        if self._closed or self.gave_up:
+            return
+        exc = None if task.cancelled() else task.exception()
+        self._loop_failed(exc or RuntimeError("the batcher loop stopped"), final=True)
 
     async def _run(self) -> None:
         while True:
@@ -189,11 +346,11 @@ class Batcher:
             self._wake.clear()
             while self._queue:
                 await self._gather_window()
-                before = self.queued
                 batch = next_batch(self._queue, self.limits, time.monotonic())
-                if dropped := before - self.queued - len(batch):
-                    metrics.DROPPED.labels(self.name).inc(dropped)
-                metrics.QUEUE_DEPTH.labels(self.name).set(self.queued)
+                for p in batch:
+                    p.state = "running"
+                self._live -= len(batch)
+                metrics.QUEUE_DEPTH.labels(self.name).set(self._live)
                 if batch:
                     self._last_batch_size = len(batch)
                     await self._run_batch(batch)
@@ -204,7 +361,7 @@ class Batcher:
         if (
             self.limits.max_wait_s
             and self._last_batch_size > 1
-            and self.queued < self.limits.max_batch_size
+            and self._live < self.limits.max_batch_size
         ):
             wait = self._queue[0].queued_at + self.limits.max_wait_s - time.monotonic()
             if wait > 0:
@@ -213,28 +370,29 @@ class Batcher:
     async def _run_batch(self, batch: list[Pending]) -> None:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
+        self._in_flight = batch  # answered by the supervisor or close() if the loop dies
         try:
             rewards = await loop.run_in_executor(
                 self._executor, self._forward, [p.item for p in batch]
             )
-        except asyncio.CancelledError:
-            # close() while this batch ran: its callers must still get an answer.
-            for p in batch:
-                if not p.future.done():
-                    p.future.set_exception(Unavailable(f"model '{self.name}' was unloaded"))
-            raise
         except Exception as e:  # a failed forward fails its batch, not the loop
             log.exception("forward of %d items on %s failed", len(batch), self.name)
             for p in batch:
                 if not p.future.done():
                     p.future.set_exception(e)
+            self._in_flight = []
             return
+        if len(rewards) != len(batch):
+            raise ForwardContractError(
+                f"the forward returned {len(rewards)} rewards for {len(batch)} items"
+            )
+        for p, r in zip(batch, rewards, strict=True):
+            if not p.future.done():  # a caller past its deadline has stopped waiting
+                p.future.set_result(r)
+        self._in_flight = []
         elapsed = time.perf_counter() - started
         self._avg_item_s = 0.8 * self._avg_item_s + 0.2 * elapsed / len(batch)
         metrics.FORWARD_SECONDS.labels(self.name).observe(elapsed)
         metrics.BATCH_SIZE.labels(self.name).observe(len(batch))
         metrics.ITEMS.labels(self.name).inc(len(batch))
         metrics.TOKENS.labels(self.name).inc(sum(len(p.item) for p in batch))
-        for p, r in zip(batch, rewards, strict=True):
-            if not p.future.done():
-                p.future.set_result(r)

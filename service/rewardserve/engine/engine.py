@@ -112,10 +112,19 @@ class ScoringEngine:
             self.started
             and all(n in self.models for n in self.expected)
             and (default is None or default in self.models)
+            and not self.failures()
         )
+
+    def failures(self) -> dict[str, str]:
+        """Loaded models that cannot serve right now (their batcher loop died), and why."""
+        return {n: m.batcher.failure for n, m in self.models.items() if m.batcher.failure}
 
     async def load(self, name: str) -> ModelInfo:
         async with self._admin_lock:
+            failed = self.models.get(name)
+            if failed is not None and failed.batcher.gave_up:  # loading again is the way back
+                del self.models[name]
+                await failed.batcher.close()
             if name not in self.models:
                 self.entries = scan_repository(self.settings.model_repository)
                 entry = self.entries.get(name)
@@ -142,7 +151,14 @@ class ScoringEngine:
                     raise Unavailable(str(e)) from None
                 except ValueError as e:  # ManifestError and transformers' config errors
                     raise InvalidArgument(str(e), field="model") from None
-                batcher = Batcher(name, scorer.forward, self._executor, self.limits)
+                batcher = Batcher(
+                    name,
+                    scorer.forward,
+                    self._executor,
+                    self.limits,
+                    max_restarts=self.settings.batcher_max_restarts,
+                    restart_backoff_s=self.settings.batcher_restart_backoff_s,
+                )
                 batcher.start()
                 self.models[name] = LoadedModel(entry.manifest, scorer, batcher)
             return self._info(name)
@@ -201,13 +217,15 @@ class ScoringEngine:
                 max_length=0,
                 error=entry.error if entry else "unknown",
             )
+        failure = loaded.batcher.failure if loaded else None
         return ModelInfo(
             id=name,
             kind=manifest.kind,
-            status="loaded" if loaded else "available",
+            status="error" if failure else "loaded" if loaded else "available",
             default=name == self.default_name(),
             max_length=manifest.max_length,
             description=manifest.description,
+            error=failure,
         )
 
     def list_models(self) -> list[ModelInfo]:
@@ -245,17 +263,27 @@ class ScoringEngine:
         texts: Sequence[str],
         timeout_s: float | None = None,
         field_of: str = "items",
+        *,
+        enforce_queue_limit: bool = True,
     ) -> tuple[LoadedModel, list[Encoded], list[float]]:
-        """Rendered texts -> (model, encodings, raw rewards). The one path every API takes."""
+        """Rendered texts -> (model, encodings, raw rewards). The one path every API takes.
+
+        enforce_queue_limit=False is for callers that do their own admission (Best-of-N):
+        they never get a 429 from the scorer.
+        """
         # The deadline runs from arrival: time spent tokenizing counts against it too.
         deadline = time.monotonic() + (timeout_s or self.settings.request_timeout_s)
         self._check_limits(texts, field_of)
         model = self.resolve(name)
+        if enforce_queue_limit:  # before tokenizing a request that could never be queued
+            model.batcher.check_request_size(len(texts), field_of)
         if sum(map(len, texts)) <= INLINE_TOKENIZE_CHARS:
             encoded = model.encode(texts)
         else:
             encoded = await asyncio.to_thread(model.encode, texts)
-        rewards = await model.batcher.submit(encoded, deadline)
+        rewards = await model.batcher.submit(
+            encoded, deadline, enforce_queue_limit=enforce_queue_limit
+        )
         return model, encoded, rewards
 
     async def score(self, req: ScoreRequest, timeout_s: float | None = None) -> ScoreResponse:

@@ -12,6 +12,9 @@ class ModelInfo(BaseModel):
     object: Literal["model"] = "model"
     kind: Literal["reward", "policy"]
     status: Literal["loaded", "available", "error"]
+    """loaded: serving. available: in the repository, not loaded. error: cannot serve, with
+    the reason in `error` (a bad manifest, a policy whose engine died, or a loaded reward
+    model whose batcher loop failed: 503 for its requests while it restarts or for good)."""
     default: bool = False
     max_length: int
     description: str = ""

@@ -19,12 +19,14 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(request: Request) -> JSONResponse:
-    """200 once every start-up model (reward models and policies) is loaded; 503 before."""
+    """200 once every start-up model (reward models and policies) is loaded; 503 before, and
+    while a loaded model has failed (`failed` names it and says why)."""
     rt = runtime(request)
     body = {
         "ready": rt.ready,
         "loaded": sorted(rt.scoring.models) + sorted(rt.policies.loaded),
         "expected": rt.scoring.expected + rt.policies.expected,
+        "failed": rt.failures(),
     }
     return JSONResponse(body, status_code=200 if rt.ready else 503)
 
