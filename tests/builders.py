@@ -100,3 +100,50 @@ def build_tiny_openrlhf_rm(
         max_length=64,
     )
     return folder
+
+
+def build_remote_code_rm(
+    repo: Path, name: str, modeling: str, *, trust: bool = True, seed: int = 0
+) -> Path:
+    """A tiny sequence-classification RM whose model class is `modeling`'s source code
+    (trust_remote_code): it must define TinyRcConfig and TinyRcModel. Each name gets its own
+    model_type, so several such models can live in one process."""
+    folder = build_tiny_rm(repo, name, seed=seed)
+    weights = folder / "weights"
+    module = f"modeling_{name.replace('-', '_')}"
+    model_type = f"tiny-rc-{name}"
+    cfg = json.loads((weights / "config.json").read_text())
+    cfg.update(
+        model_type=model_type,
+        architectures=["TinyRcModel"],
+        auto_map={
+            "AutoConfig": f"{module}.TinyRcConfig",
+            "AutoModelForSequenceClassification": f"{module}.TinyRcModel",
+        },
+    )
+    (weights / "config.json").write_text(json.dumps(cfg))
+    (weights / f"{module}.py").write_text(modeling.replace("{model_type}", model_type))
+    raw = yaml.safe_load((folder / "model.yaml").read_text())
+    raw["trust_remote_code"] = trust
+    (folder / "model.yaml").write_text(yaml.safe_dump(raw))
+    return folder
+
+
+ROW_DROPPING_MODELING = """
+from transformers import BertConfig, BertForSequenceClassification
+
+
+class TinyRcConfig(BertConfig):
+    model_type = "{model_type}"
+
+
+class TinyRcModel(BertForSequenceClassification):
+    config_class = TinyRcConfig
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = out.logits[:1]  # one row, whatever the batch: a broken model
+        return out
+"""
+"""A model that answers a batch of k > 1 items with one reward: it breaks the batcher's
+one-reward-per-item contract through the real loading and forward path."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import asyncio
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,7 +14,14 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, BertForSequenceClassification, BertModel
 
-from builders import build_tiny_openrlhf_rm, build_tiny_rm, tiny_config, write_manifest
+from builders import (
+    ROW_DROPPING_MODELING,
+    build_remote_code_rm,
+    build_tiny_openrlhf_rm,
+    build_tiny_rm,
+    tiny_config,
+    write_manifest,
+)
 from rewardserve.config import Settings
 from rewardserve.engine.batcher import plan_microbatches
 from rewardserve.engine.engine import ScoringEngine
@@ -354,7 +361,7 @@ from transformers import BertConfig, BertForSequenceClassification
 
 
 class TinyRcConfig(BertConfig):
-    model_type = "tiny-rc"
+    model_type = "{model_type}"
 
 
 class TinyRcModel(BertForSequenceClassification):
@@ -372,24 +379,7 @@ def remote_code_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """rc-yes asks for trust_remote_code; rc-no carries the same custom code but does not."""
     root = tmp_path_factory.mktemp("remote-code") / "models"
     for name, trust in (("rc-yes", True), ("rc-no", False)):
-        folder = build_tiny_rm(root, name, seed=0)
-        weights = folder / "weights"
-        cfg = json.loads((weights / "config.json").read_text())
-        cfg.update(
-            model_type="tiny-rc",
-            architectures=["TinyRcModel"],
-            auto_map={
-                "AutoConfig": f"modeling_{name.replace('-', '_')}.TinyRcConfig",
-                "AutoModelForSequenceClassification": (
-                    f"modeling_{name.replace('-', '_')}.TinyRcModel"
-                ),
-            },
-        )
-        (weights / "config.json").write_text(json.dumps(cfg))
-        (weights / f"modeling_{name.replace('-', '_')}.py").write_text(REMOTE_CODE)
-        raw = yaml.safe_load((folder / "model.yaml").read_text())
-        raw["trust_remote_code"] = trust
-        (folder / "model.yaml").write_text(yaml.safe_dump(raw))
+        build_remote_code_rm(root, name, REMOTE_CODE, trust=trust)
     return root
 
 
@@ -430,5 +420,104 @@ async def test_startup_skips_a_model_the_server_may_not_load(tmp_path: Path, rep
     try:
         await eng.start()
         assert sorted(eng.models) == ["rm-b"]
+    finally:
+        await eng.close()
+
+
+# ---- a model whose batcher loop dies --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def broken_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """rc-short answers a batch of k > 1 items with one reward; rm-ok is a sound model."""
+    root = tmp_path_factory.mktemp("broken") / "models"
+    build_remote_code_rm(root, "rc-short", ROW_DROPPING_MODELING)
+    build_tiny_rm(root, "rm-ok", seed=5, default=True)
+    return root
+
+
+async def until(condition, timeout_s: float = 30.0) -> None:
+    async def poll() -> None:
+        while not condition():
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(poll(), timeout_s)
+
+
+async def test_a_dead_loop_marks_the_model_failed_restarts_and_gives_up(
+    broken_repo: Path,
+) -> None:
+    eng = ScoringEngine(
+        settings(
+            broken_repo,
+            allow_trust_remote_code=True,
+            batcher_max_restarts=1,
+            batcher_restart_backoff_s=0,
+        )
+    )
+    await eng.start()
+    try:
+        assert eng.ready and sorted(eng.models) == ["rc-short", "rm-ok"]
+        with pytest.raises(Unavailable) as info:
+            await asyncio.wait_for(rewards(eng, ["one", "two"], model="rc-short"), 30)
+        assert "'rc-short'" in info.value.message
+        assert "1 rewards for 2 items" in info.value.message
+        # restarted: readiness recovers and the model serves what it can
+        await until(lambda: eng.ready)
+        assert len(await rewards(eng, ["one"], model="rc-short")) == 1
+        assert len(await rewards(eng, ["one", "two"], model="rm-ok")) == 2  # others serve
+
+        with pytest.raises(Unavailable):  # the second death is past the limit of one
+            await asyncio.wait_for(rewards(eng, ["one", "two"], model="rc-short"), 30)
+        assert not eng.ready
+        assert list(eng.failures()) == ["rc-short"] and "gave up" in eng.failures()["rc-short"]
+        listed = {m.id: m for m in eng.list_models()}
+        assert listed["rc-short"].status == "error"
+        assert "1 rewards for 2 items" in (listed["rc-short"].error or "")
+        assert listed["rm-ok"].status == "loaded" and listed["rm-ok"].error is None
+        with pytest.raises(Unavailable, match="gave up"):  # refused at once, for good
+            await asyncio.wait_for(rewards(eng, ["one"], model="rc-short"), 5)
+        assert len(await rewards(eng, ["one", "two"], model="rm-ok")) == 2
+
+        info_after = await eng.load("rc-short")  # an admin load is the way back
+        assert info_after.status == "loaded" and eng.ready
+        assert len(await rewards(eng, ["one"], model="rc-short")) == 1
+    finally:
+        await eng.close()
+
+
+async def test_unloading_a_failed_model_makes_the_service_ready(broken_repo: Path) -> None:
+    eng = ScoringEngine(
+        settings(
+            broken_repo,
+            allow_trust_remote_code=True,
+            batcher_max_restarts=0,
+            batcher_restart_backoff_s=0,
+        )
+    )
+    await eng.start()
+    try:
+        with pytest.raises(Unavailable):
+            await asyncio.wait_for(rewards(eng, ["one", "two"], model="rc-short"), 30)
+        assert not eng.ready
+        await eng.unload("rc-short")
+        assert eng.ready and eng.failures() == {}
+    finally:
+        await eng.close()
+
+
+async def test_a_request_larger_than_the_queue_is_a_400_naming_its_field(repo: Path) -> None:
+    eng = ScoringEngine(settings(repo, models=["rm-a"], max_queue_items=2))
+    await eng.start()
+    try:
+        with pytest.raises(InvalidArgument) as info:
+            await eng.score_texts("rm-a", [SHORT] * 3, field_of="query")
+        assert info.value.field == "query" and "at most 2" in info.value.message
+        with pytest.raises(InvalidArgument) as info:
+            await eng.score(req(*(text(SHORT) for _ in range(3)), model="rm-a"))
+        assert info.value.field == "items"
+        # Best-of-N does its own admission: its scorer never refuses it for queue size
+        _, _, got = await eng.score_texts("rm-a", [SHORT] * 3, enforce_queue_limit=False)
+        assert len(got) == 3
     finally:
         await eng.close()
