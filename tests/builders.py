@@ -102,12 +102,30 @@ def build_tiny_openrlhf_rm(
     return folder
 
 
+_REMOTE_CODE = """
+from transformers import BertConfig, BertForSequenceClassification
+
+
+class TinyRcConfig(BertConfig):
+    model_type = "{model_type}"
+
+
+class TinyRcModel(BertForSequenceClassification):
+    config_class = TinyRcConfig
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = {logits}
+        return out
+"""
+
+
 def build_remote_code_rm(
-    repo: Path, name: str, modeling: str, *, trust: bool = True, seed: int = 0
+    repo: Path, name: str, logits: str, *, trust: bool = True, seed: int = 0
 ) -> Path:
-    """A tiny sequence-classification RM whose model class is `modeling`'s source code
-    (trust_remote_code): it must define TinyRcConfig and TinyRcModel. Each name gets its own
-    model_type, so several such models can live in one process."""
+    """A tiny sequence-classification RM whose model class is code in its folder
+    (trust_remote_code): BERT whose logits are replaced by the Python expression `logits`
+    over `out.logits`. Each name gets its own model_type, so several can share a process."""
     folder = build_tiny_rm(repo, name, seed=seed)
     weights = folder / "weights"
     module = f"modeling_{name.replace('-', '_')}"
@@ -122,28 +140,14 @@ def build_remote_code_rm(
         },
     )
     (weights / "config.json").write_text(json.dumps(cfg))
-    (weights / f"{module}.py").write_text(modeling.replace("{model_type}", model_type))
+    code = _REMOTE_CODE.format(model_type=model_type, logits=logits)
+    (weights / f"{module}.py").write_text(code)
     raw = yaml.safe_load((folder / "model.yaml").read_text())
     raw["trust_remote_code"] = trust
     (folder / "model.yaml").write_text(yaml.safe_dump(raw))
     return folder
 
 
-ROW_DROPPING_MODELING = """
-from transformers import BertConfig, BertForSequenceClassification
-
-
-class TinyRcConfig(BertConfig):
-    model_type = "{model_type}"
-
-
-class TinyRcModel(BertForSequenceClassification):
-    config_class = TinyRcConfig
-
-    def forward(self, *args, **kwargs):
-        out = super().forward(*args, **kwargs)
-        out.logits = out.logits[:1]  # one row, whatever the batch: a broken model
-        return out
-"""
-"""A model that answers a batch of k > 1 items with one reward: it breaks the batcher's
-one-reward-per-item contract through the real loading and forward path."""
+ROW_DROPPING_LOGITS = "out.logits[:1]"
+"""One row whatever the batch: a model that answers k > 1 items with one reward, breaking
+the batcher's one-reward-per-item contract through the real loading and forward path."""

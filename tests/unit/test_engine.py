@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, BertForSequenceClassification, BertModel
 
 from builders import (
-    ROW_DROPPING_MODELING,
+    ROW_DROPPING_LOGITS,
     build_remote_code_rm,
     build_tiny_openrlhf_rm,
     build_tiny_rm,
@@ -356,30 +356,13 @@ async def test_load_refusals(engine: ScoringEngine, name: str, error: type) -> N
 
 # ---- trust_remote_code --------------------------------------------------------------------
 
-REMOTE_CODE = """
-from transformers import BertConfig, BertForSequenceClassification
-
-
-class TinyRcConfig(BertConfig):
-    model_type = "{model_type}"
-
-
-class TinyRcModel(BertForSequenceClassification):
-    config_class = TinyRcConfig
-
-    def forward(self, *args, **kwargs):
-        out = super().forward(*args, **kwargs)
-        out.logits = out.logits + 1000.0  # proof that this file ran
-        return out
-"""
-
 
 @pytest.fixture(scope="module")
 def remote_code_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """rc-yes asks for trust_remote_code; rc-no carries the same custom code but does not."""
     root = tmp_path_factory.mktemp("remote-code") / "models"
     for name, trust in (("rc-yes", True), ("rc-no", False)):
-        build_remote_code_rm(root, name, REMOTE_CODE, trust=trust)
+        build_remote_code_rm(root, name, "out.logits + 1000.0", trust=trust)  # proof it ran
     return root
 
 
@@ -431,7 +414,7 @@ async def test_startup_skips_a_model_the_server_may_not_load(tmp_path: Path, rep
 def broken_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """rc-short answers a batch of k > 1 items with one reward; rm-ok is a sound model."""
     root = tmp_path_factory.mktemp("broken") / "models"
-    build_remote_code_rm(root, "rc-short", ROW_DROPPING_MODELING)
+    build_remote_code_rm(root, "rc-short", ROW_DROPPING_LOGITS)
     build_tiny_rm(root, "rm-ok", seed=5, default=True)
     return root
 
