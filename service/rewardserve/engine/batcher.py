@@ -26,6 +26,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import Literal
 
 from rewardserve import metrics
 from rewardserve.engine.inputs import Encoded
@@ -49,7 +50,7 @@ class Pending:
     """time.monotonic() after which the result is useless."""
     future: asyncio.Future[float] = field(repr=False)
     queued_at: float = field(default_factory=time.monotonic)
-    state: str = "queued"
+    state: Literal["queued", "running", "done"] = "queued"
     """queued -> running (in a forward) or done (its caller stopped waiting)."""
 
 
@@ -239,27 +240,26 @@ class Batcher:
         self._live += len(pending)
         metrics.QUEUE_DEPTH.labels(self.name).set(self._live)
         self._wake.set()
+        # A running forward never holds a caller past its deadline: at the deadline its
+        # items fail, and a result that arrives later is discarded.
+        expiry = loop.call_later(max(0.0, deadline - time.monotonic()), self._expire, pending)
         try:
-            # Wait for the results or the deadline, whichever comes first: a running forward
-            # never holds a caller past its deadline.
-            _, waiting = await asyncio.wait(
-                [p.future for p in pending],
-                timeout=max(0.0, deadline - time.monotonic()),
-                return_when=asyncio.FIRST_EXCEPTION,
-            )
-            for p in pending:
-                if p.future.done() and (exc := p.future.exception()) is not None:
-                    raise exc
-            if waiting:
-                raise DeadlineExceeded(
-                    f"deadline passed with {len(waiting)} of {len(pending)} items not yet "
-                    f"scored by model '{self.name}'"
-                )
-            return [p.future.result() for p in pending]
+            return list(await asyncio.gather(*(p.future for p in pending)))
         except BaseException as e:
             # Cancelled, expired or one item failed: the rest need not run.
             self._abandon(pending, _drop_reason(e))
             raise
+        finally:
+            expiry.cancel()
+
+    def _expire(self, pending: Sequence[Pending]) -> None:
+        late = [p for p in pending if not p.future.done()]
+        message = (
+            f"deadline passed with {len(late)} of {len(pending)} items not yet scored by "
+            f"model '{self.name}'"
+        )
+        for p in late:
+            p.future.set_exception(DeadlineExceeded(message))
 
     def _abandon(self, pending: Sequence[Pending], reason: str) -> None:
         """The caller stopped waiting for `pending`: drop what is still queued, discard what
