@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 import grpc
 import httpx
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from builders import ROW_DROPPING_LOGITS, build_remote_code_rm, build_tiny_rm
@@ -23,6 +24,15 @@ from servers import RewardServer, pb_request
 
 TWO = {"model": "rc-short", "items": [{"text": "first text"}, {"text": "second text"}]}
 ONE = {"model": "rc-short", "items": [{"text": "first text"}]}
+
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def grpc_health(channel: grpc.Channel) -> int:
+    stub = health_pb2_grpc.HealthStub(channel)
+    return stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status
 
 
 def eventually(condition: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:
@@ -73,6 +83,7 @@ def test_a_dead_loop_is_a_503_then_a_restart_then_failed_for_good(faulty_server)
 
         ready = http.get("/readyz")
         assert ready.status_code == 503
+        eventually(lambda: grpc_health(channel) == NOT_SERVING, "gRPC health to follow /readyz")
         assert list(ready.json()["failed"]) == ["rc-short"]
         assert "gave up" in ready.json()["failed"]["rc-short"]
         listed = {m["id"]: m for m in http.get("/v1/models").json()["data"]}
@@ -94,6 +105,7 @@ def test_a_dead_loop_is_a_503_then_a_restart_then_failed_for_good(faulty_server)
         r = http.post("/v1/admin/models/load", json={"model": "rc-short"})
         assert r.status_code == 200 and r.json()["status"] == "loaded", r.text
         assert http.get("/readyz").status_code == 200
+        eventually(lambda: grpc_health(channel) == SERVING, "gRPC health to recover")
         assert http.post("/v1/score", json=ONE).status_code == 200
 
 

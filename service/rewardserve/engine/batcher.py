@@ -154,6 +154,7 @@ class Batcher:
         *,
         max_restarts: int = 3,
         restart_backoff_s: float = 0.5,
+        on_change: Callable[[], None] | None = None,
     ) -> None:
         self.name = name
         self._forward = forward
@@ -161,6 +162,7 @@ class Batcher:
         self.limits = limits
         self.max_restarts = max_restarts
         self.restart_backoff_s = restart_backoff_s
+        self._on_change = on_change  # told when `failure` is set or cleared
         self._queue: deque[Pending] = deque()
         # Items still waiting for a forward; the deque may also hold items whose callers
         # already stopped waiting, which are skipped when reached and must not count.
@@ -313,6 +315,14 @@ class Batcher:
                     self.max_restarts,
                 )
                 self.failure = None
+                self._changed()
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            try:
+                self._on_change()
+            except Exception:  # a listener's bug must not take the loop down with it
+                log.exception("batcher %s: state listener failed", self.name)
 
     def _loop_failed(self, exc: BaseException, *, final: bool = False) -> bool:
         """Answer everything the dead loop held and record why; True when it may restart."""
@@ -329,6 +339,7 @@ class Batcher:
         # Answer the callers first: nothing after this may leave them waiting.
         self._fail_held(f"model '{self.name}' is unavailable: {self.failure}")
         log.error("model %s: %s", self.name, self.failure, exc_info=exc)
+        self._changed()
         metrics.LOOP_FAILURES.labels(self.name).inc()
         return not self.gave_up
 

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -56,6 +56,9 @@ class ScoringEngine:
         self._admin_lock = asyncio.Lock()
         self.started = False
         self.expected: list[str] = []
+        self.readiness_listeners: list[Callable[[], None]] = []
+        """Called whenever `ready` may have changed (a model loaded, unloaded, failed or
+        restarted), so a transport's health service can follow it."""
         self.limits = BatchLimits(
             max_batch_tokens=settings.max_batch_tokens,
             max_batch_size=settings.max_batch_size,
@@ -101,6 +104,7 @@ class ScoringEngine:
         self.started = True
 
     async def close(self) -> None:
+        self.started = False  # not ready while shutting down, whatever is left loaded
         for name in list(self.models):
             await self.unload(name)
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -114,6 +118,10 @@ class ScoringEngine:
             and (default is None or default in self.models)
             and not self.failures()
         )
+
+    def _readiness_changed(self) -> None:
+        for listener in self.readiness_listeners:
+            listener()
 
     def failures(self) -> dict[str, str]:
         """Loaded models that cannot serve right now (their batcher loop died), and why."""
@@ -158,9 +166,11 @@ class ScoringEngine:
                     self.limits,
                     max_restarts=self.settings.batcher_max_restarts,
                     restart_backoff_s=self.settings.batcher_restart_backoff_s,
+                    on_change=self._readiness_changed,
                 )
                 batcher.start()
                 self.models[name] = LoadedModel(entry.manifest, scorer, batcher)
+                self._readiness_changed()
             return self._info(name)
 
     async def unload(self, name: str) -> ModelInfo:
@@ -171,6 +181,7 @@ class ScoringEngine:
             if name in self.expected:  # unloaded on purpose: readiness no longer waits for it
                 self.expected.remove(name)
             await model.batcher.close()
+            self._readiness_changed()
             return self._info(name)
 
     # ---- queries ---------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -36,11 +38,28 @@ class GrpcServer:
             self.server,
         )
         self.port = self.server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+        self._health_lock = asyncio.Lock()
+        self._health_sync: asyncio.Task[None] | None = None
+        runtime.scoring.readiness_listeners.append(self._follow_readiness)
+
+    def _follow_readiness(self) -> None:
+        # After start-up, a model failing, recovering or being unloaded flips the health
+        # service as it flips /readyz. (Start-up itself is set by the server.)
+        if self.runtime.scoring.started:
+            self._health_sync = asyncio.ensure_future(self._sync_health())
+
+    async def _sync_health(self) -> None:
+        async with self._health_lock:  # read readiness when it is applied, not when asked
+            await self._set_all(self.runtime.ready)
 
     async def start(self) -> None:
         await self.server.start()
 
     async def set_serving(self, serving: bool) -> None:
+        async with self._health_lock:
+            await self._set_all(serving)
+
+    async def _set_all(self, serving: bool) -> None:
         status = (
             health_pb2.HealthCheckResponse.SERVING
             if serving
