@@ -146,32 +146,53 @@ def post_raw(server: RewardServer, body: dict) -> socket.socket:
     return sock
 
 
-def test_a_client_that_disconnects_has_its_queued_items_dropped(one_row_server) -> None:
+@pytest.mark.parametrize("transport", ["rest", "grpc"])
+def test_a_client_that_disconnects_has_its_queued_items_dropped(one_row_server, transport) -> None:
     items = [{"text": f"item {i}: a few words about rivers and stones"} for i in range(ITEMS)]
-    with one_row_server.http() as http:
-        sock = post_raw(one_row_server, {"model": "rm-a", "items": items})
+    body = {"model": "rm-a", "items": items}
+    with (
+        one_row_server.http() as http,
+        grpc.insecure_channel(one_row_server.grpc_target) as channel,
+    ):
+
+        def counts() -> tuple[float, float, float]:
+            """Items scored, dropped, dropped as cancelled (the server is shared by both
+            transports' runs, so the test reads differences)."""
+            return (
+                metric(http, "rewardserve_items_total", model="rm-a"),
+                metric(http, "rewardserve_dropped_items_total", model="rm-a"),
+                metric(http, "rewardserve_dropped_items_total", model="rm-a", reason="cancelled"),
+            )
+
+        before = counts()
+        if transport == "rest":
+            sock = post_raw(one_row_server, body)
+            leave = sock.close
+        else:
+            stub = scoring_pb2_grpc.RewardServiceStub(channel)
+            call = stub.Score.future(pb_request(body), timeout=120)
+            leave = call.cancel
         try:  # one submit queues the whole request at once
             eventually(
                 lambda: metric(http, "rewardserve_queue_depth", model="rm-a") > 0,
                 "the request to be queued",
             )
         finally:
-            sock.close()
+            leave()
+
+        def delta() -> tuple[float, float, float]:
+            return tuple(now - then for now, then in zip(counts(), before, strict=True))
 
         def settled() -> bool:
-            scored = metric(http, "rewardserve_items_total", model="rm-a")
-            dropped = metric(http, "rewardserve_dropped_items_total", model="rm-a")
+            scored, dropped, _ = delta()
             return scored + dropped == ITEMS
 
         # Every item is accounted for once: scored (those forwarded before the client left)
         # or dropped as cancelled, never scored after its caller had gone.
         eventually(settled, "every item to be scored or dropped")
-        scored = metric(http, "rewardserve_items_total", model="rm-a")
-        cancelled = metric(
-            http, "rewardserve_dropped_items_total", model="rm-a", reason="cancelled"
-        )
+        scored, dropped, cancelled = delta()
         assert cancelled > 0, f"all {scored:.0f} items were scored"
-        assert cancelled == metric(http, "rewardserve_dropped_items_total", model="rm-a")
+        assert dropped == cancelled
         assert metric(http, "rewardserve_queue_depth", model="rm-a") == 0
         # and the server serves on
         r = http.post("/v1/score", json={"model": "rm-a", "items": items[:2]})
