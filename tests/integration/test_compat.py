@@ -346,6 +346,8 @@ def test_embeddings_without_model_use_the_default(compat_http) -> None:
         ({"model": HUB_ID, "input": []}, 422, "input"),
         ({"model": HUB_ID}, 422, "input"),
         ({"model": HUB_ID, "input": "x", "encoding_format": "int8"}, 422, "encoding_format"),
+        ({"model": HUB_ID, "input": ["x"] * 513}, 400, "input"),  # --max-items-per-request
+        ({"model": HUB_ID, "input": ["x", "y" * 200_001]}, 400, "input.1"),  # --max-text-chars
     ],
 )
 def test_embeddings_bad_requests_name_the_field(compat_http, body, status, field) -> None:

@@ -182,3 +182,13 @@ async def test_policy_manager_resolves_aliases_and_defaults(root: Path) -> None:
     policy.failure = "the engine died"
     with pytest.raises(Unavailable, match="the engine died"):
         manager.resolve("pol")
+
+
+def test_the_reason_is_asked_now_not_remembered(root: Path) -> None:
+    r = repo(root)
+    assert "rm-a" in r.startup_set("reward") and "ghost" not in r.startup_set("reward")
+    with pytest.raises(Unavailable, match="weights are not built"):
+        r.resolve("reward", "ghost", {"rm-a"})
+    (root / "ghost" / "weights").mkdir()  # built since: merely not loaded now
+    with pytest.raises(NotFound, match="'ghost' is not loaded"):
+        r.resolve("reward", "ghost", {"rm-a"})

@@ -102,9 +102,6 @@ class ModelRepository:
         self._defaults = dict(defaults or {})
         self.entries: dict[str, Entry] = {}
         self._aliases: dict[str, str] = {}
-        # Why a model of the repository is not servable (weights not built, a failed load):
-        # a request naming it hears this reason with a 503 instead of a bare 404.
-        self.unavailable: dict[str, str] = {}
         self.rescan()
 
     @classmethod
@@ -130,9 +127,6 @@ class ModelRepository:
         """The model's own name for a name or alias; other strings come back unchanged."""
         return self._aliases.get(name, name)
 
-    def entry(self, name: str) -> Entry | None:
-        return self.entries.get(self.canonical(name))
-
     def of_kind(self, kind: Kind) -> dict[str, Entry]:
         """The models of one kind whose manifests are valid."""
         return {
@@ -147,20 +141,25 @@ class ModelRepository:
         if self._startup.get(kind):
             return [self.canonical(n) for n in self._startup[kind]]
         names = []
-        for name, e in self.of_kind(kind).items():
-            assert e.manifest is not None
-            try:
-                present = resolve_source(e.manifest, e.folder, self.cache_dir).is_dir()
-            except ManifestError as err:
-                log.error("not loading %s: %s", name, err)
-                self.unavailable[name] = str(err)
-                continue
-            if present:
+        for name in self.of_kind(kind):
+            why = self.unservable(name)
+            if why is None:
                 names.append(name)
             else:
-                log.warning("not loading %s: its weights are not built (run `make models`)", name)
-                self.unavailable[name] = "its weights are not built (run `make models`)"
+                log.warning("not loading %s: %s", name, why)
         return names
+
+    def unservable(self, name: str) -> str | None:
+        """Why a model of the repository cannot load as it stands (asked when needed, so a
+        model whose weights were built since is not refused on an old reason)."""
+        e = self.entries.get(name)
+        if e is None or e.manifest is None:
+            return None
+        try:
+            present = resolve_source(e.manifest, e.folder, self.cache_dir).is_dir()
+        except ManifestError as err:
+            return str(err)
+        return None if present else "its weights are not built (run `make models`)"
 
     def default_name(self, kind: Kind, loaded: Collection[str]) -> str | None:
         """The configured default, else the model of this kind whose manifest says default,
@@ -182,9 +181,9 @@ class ModelRepository:
     ) -> str:
         """The loaded model a request means by `name` (a name, an alias or None for the
         default), or the error that says why there is none. `failures`: the caller's load
-        errors, reported as the reason a model is not available."""
+        errors, reported as the reason a model is not available (a 503, not a 404)."""
         words = WORDS[kind]
-        reasons = {**self.unavailable, **(failures or {})}
+        failures = failures or {}
         if name is None:
             name = self.default_name(kind, loaded)
             if name is None:
@@ -192,7 +191,7 @@ class ModelRepository:
                     f"no default {words.noun}; name one of: {_names(loaded)}", field=words.field
                 )
             if name not in loaded:
-                why = reasons.get(name)
+                why = failures.get(name) or self.unservable(name)
                 raise Unavailable(
                     f"the default {words.noun} '{name}' is not loaded" + (f": {why}" if why else "")
                 )
@@ -200,8 +199,9 @@ class ModelRepository:
         name = self.canonical(name)
         if name in loaded:
             return name
-        if name in reasons and name in self.of_kind(kind):
-            raise Unavailable(f"{words.noun} '{name}' is not available: {reasons[name]}")
+        why = failures.get(name) or self.unservable(name)
+        if why and name in self.of_kind(kind):
+            raise Unavailable(f"{words.noun} '{name}' is not available: {why}")
         raise NotFound(
             f"{words.noun} '{name}' is not loaded (loaded: {_names(loaded)})", field=words.field
         )
