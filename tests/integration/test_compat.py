@@ -462,3 +462,13 @@ def test_admin_load_and_unload_take_aliases(compat_http, local_path) -> None:
     assert r.status_code == 200, r.text
     assert (r.json()["id"], r.json()["status"]) == ("rm-b", "loaded")
     assert compat_http.post("/v1/embeddings", json={"model": local_path, "input": "x"}).is_success
+
+
+def test_openai_client_embeddings(compat_server, compat_http) -> None:
+    """The OpenAI Python client, which asks for base64 unless told otherwise."""
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=compat_server.url_for("v1"), api_key="unused", max_retries=0)
+    resp = client.embeddings.create(model=HUB_ID, input=QUERIES)
+    raw = raw_rewards(compat_http, QUERIES, "rm-b")
+    assert [d.embedding for d in resp.data] == [pytest.approx([x], rel=1e-6) for x in raw]
+    assert resp.model == "rm-b" and resp.usage.prompt_tokens > 0

@@ -3,6 +3,8 @@ scoring engine and the policy manager alike (no weights are loaded here)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -192,3 +194,8 @@ def test_the_reason_is_asked_now_not_remembered(root: Path) -> None:
     (root / "ghost" / "weights").mkdir()  # built since: merely not loaded now
     with pytest.raises(NotFound, match="'ghost' is not loaded"):
         r.resolve("reward", "ghost", {"rm-a"})
+
+
+def test_the_repository_imports_no_torch() -> None:
+    code = "import sys, rewardserve.registry.repository; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
