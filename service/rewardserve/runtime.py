@@ -8,14 +8,16 @@ from rewardserve.bon.service import BestOfN
 from rewardserve.config import Settings
 from rewardserve.engine.engine import ScoringEngine
 from rewardserve.policy.manager import PolicyManager
+from rewardserve.registry.repository import ModelRepository
 from rewardserve.schemas.models import ModelInfo
 
 
 class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.scoring = ScoringEngine(settings)
-        self.policies = PolicyManager(settings)
+        self.repository = ModelRepository.from_settings(settings)
+        self.scoring = ScoringEngine(settings, self.repository)
+        self.policies = PolicyManager(settings, self.repository)
         self.bon = BestOfN(settings, self.scoring, self.policies)
 
     async def start(self) -> None:

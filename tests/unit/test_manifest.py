@@ -52,12 +52,27 @@ def test_valid_manifest_loads(tmp_path: Path) -> None:
     assert m.default is True and m.trust_remote_code is False
 
 
+ALIASES = [
+    "/data/models/Skywork-Reward-Llama-3.1-8B-v0.2",  # a local path, as verl sends it
+    "~/models/rm-ok",
+    "Skywork/Skywork-Reward-Llama-3.1-8B-v0.2",  # a hub id
+    "hdfs://cluster/ckpt/rm",
+    "rm ok",  # inner spaces are part of a name a config may hold
+]
+
+
+def test_aliases_take_paths_and_hub_ids(tmp_path: Path) -> None:
+    m = load_manifest(write(tmp_path, "rm-ok", valid() | {"aliases": ALIASES}))
+    assert m.aliases == ALIASES
+
+
 def test_minimal_manifest_gets_defaults(tmp_path: Path) -> None:
     raw = {"name": "mini", "kind": "reward", "source": {"kind": "cache", "path": "mini"}}
     m = load_manifest(write(tmp_path, "mini", raw))
     assert m.head.format == "sequence_classification"
     assert m.max_length == 512 and m.truncation_side == "left" and m.dtype == "float32"
     assert m.normalization is None and m.default is False and m.chat_template is False
+    assert m.aliases == []
 
 
 def with_(path: str, value: object) -> dict:
@@ -95,6 +110,13 @@ BAD = [
     pytest.param(with_("truncation_side", "middle"), "truncation_side", id="bad truncation"),
     pytest.param(with_("head.format", "pairwise"), "head.format", id="bad head format"),
     pytest.param(with_("dtype", "float8"), "dtype", id="bad dtype"),
+    pytest.param(with_("aliases", "org/rm"), "aliases", id="aliases not a list"),
+    pytest.param(with_("aliases", [""]), "aliases.0", id="empty alias"),
+    pytest.param(with_("aliases", ["ok", " /models/rm"]), "aliases.1", id="alias with space"),
+    pytest.param(with_("aliases", ["a\nb"]), "aliases.0", id="alias with newline"),
+    pytest.param(with_("aliases", [3]), "aliases.0", id="alias not a string"),
+    pytest.param(with_("aliases", ["org/rm", "org/rm"]), "aliases", id="alias twice"),
+    pytest.param(with_("aliases", ["rm-ok"]), "aliases", id="alias is own name"),
     pytest.param("name: rm-ok\nkind: [reward\n", "(file)", id="bad YAML"),
     pytest.param("- just\n- a list\n", "(root)", id="not a mapping"),
     pytest.param(with_("source.path", "/etc"), "source.path", id="absolute path"),

@@ -21,8 +21,8 @@ from rewardserve.engine.batcher import Batcher, BatchLimits
 from rewardserve.engine.inputs import Encoded, join_pair, render_hh
 from rewardserve.engine.scorer import RewardScorer
 from rewardserve.registry.loader import load_reward_model
-from rewardserve.registry.manifest import ManifestError, ModelManifest, resolve_source
-from rewardserve.registry.repository import Entry, scan_repository
+from rewardserve.registry.manifest import ModelManifest
+from rewardserve.registry.repository import Entry, ModelRepository
 from rewardserve.schemas.errors import InvalidArgument, NotFound, ServiceError, Unavailable
 from rewardserve.schemas.models import ModelInfo
 from rewardserve.schemas.scoring import ScoreItem, ScoreRequest, ScoreResponse, ScoreResult, Usage
@@ -47,9 +47,9 @@ class LoadedModel:
 
 
 class ScoringEngine:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, repository: ModelRepository | None = None) -> None:
         self.settings = settings
-        self.entries: dict[str, Entry] = scan_repository(settings.model_repository)
+        self.repository = repository or ModelRepository.from_settings(settings)
         self.models: dict[str, LoadedModel] = {}
         # One forward at a time across all models: torch already uses every core for one.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
@@ -69,30 +69,14 @@ class ScoringEngine:
 
     # ---- lifecycle -------------------------------------------------------------------
 
-    def startup_models(self) -> list[str]:
-        """--models, else every reward model whose weights are present (missing ones are
-        logged: `make models` builds them)."""
-        if self.settings.models:
-            return list(self.settings.models)
-        names = []
-        for name, e in self.entries.items():
-            if e.manifest is None or e.manifest.kind != "reward":
-                continue
-            try:
-                present = resolve_source(e.manifest, e.folder, self.settings.cache_dir).is_dir()
-            except ManifestError as err:
-                log.error("not loading %s: %s", name, err)
-                continue
-            if present:
-                names.append(name)
-            else:
-                log.warning("not loading %s: its weights are not built (run `make models`)", name)
-        return names
+    @property
+    def entries(self) -> dict[str, Entry]:
+        return self.repository.entries
 
     async def start(self) -> None:
         """Load the start-up models. Ones named by --models must load; of the ones found in
         the repository, a model that cannot load is logged and left out."""
-        self.expected = self.startup_models()
+        self.expected = self.repository.startup_set("reward")
         for name in list(self.expected):
             try:
                 await self.load(name)
@@ -129,12 +113,13 @@ class ScoringEngine:
 
     async def load(self, name: str) -> ModelInfo:
         async with self._admin_lock:
+            self.repository.rescan()
+            name = self.repository.canonical(name)
             failed = self.models.get(name)
             if failed is not None and failed.batcher.gave_up:  # loading again is the way back
                 del self.models[name]
                 await failed.batcher.close()
             if name not in self.models:
-                self.entries = scan_repository(self.settings.model_repository)
                 entry = self.entries.get(name)
                 if entry is None:
                     raise NotFound(f"no model '{name}' in the repository", field="model")
@@ -175,6 +160,7 @@ class ScoringEngine:
 
     async def unload(self, name: str) -> ModelInfo:
         async with self._admin_lock:
+            name = self.repository.canonical(name)
             model = self.models.pop(name, None)
             if model is None:
                 raise NotFound(f"model '{name}' is not loaded", field="model")
@@ -187,34 +173,11 @@ class ScoringEngine:
     # ---- queries ---------------------------------------------------------------------
 
     def default_name(self) -> str | None:
-        """The configured default, else the reward model whose manifest says default, else
-        the only loaded model. Never silently another model when the default is unloaded."""
-        if self.settings.default_model:
-            return self.settings.default_model
-        marked = [
-            n
-            for n, e in self.entries.items()
-            if e.manifest is not None and e.manifest.kind == "reward" and e.manifest.default
-        ]
-        if marked:
-            return marked[0]
-        return next(iter(self.models)) if len(self.models) == 1 else None
+        return self.repository.default_name("reward", self.models)
 
     def resolve(self, name: str | None) -> LoadedModel:
-        if name is None:
-            name = self.default_name()
-            if name is None:
-                loaded = ", ".join(sorted(self.models)) or "none"
-                raise InvalidArgument(
-                    f"no default reward model; name one of: {loaded}", field="model"
-                )
-            if name not in self.models:
-                raise Unavailable(f"the default reward model '{name}' is not loaded")
-        model = self.models.get(name)
-        if model is None:
-            known = ", ".join(sorted(self.models)) or "none"
-            raise NotFound(f"reward model '{name}' is not loaded (loaded: {known})", field="model")
-        return model
+        """The loaded reward model a request names (name or alias), or its default."""
+        return self.models[self.repository.resolve("reward", name, self.models)]
 
     def _info(self, name: str) -> ModelInfo:
         entry = self.entries.get(name)
@@ -231,6 +194,7 @@ class ScoringEngine:
         failure = loaded.batcher.failure if loaded else None
         return ModelInfo(
             id=name,
+            aliases=list(manifest.aliases),
             kind=manifest.kind,
             status="error" if failure else "loaded" if loaded else "available",
             default=name == self.default_name(),

@@ -72,6 +72,7 @@ def model_info(m: ModelInfo) -> pb.ModelInfo:
         max_length=m.max_length,
         description=m.description,
         error=m.error or "",
+        aliases=m.aliases,
     )
 
 

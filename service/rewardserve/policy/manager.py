@@ -10,9 +10,9 @@ import os
 from rewardserve.config import Settings
 from rewardserve.policy.base import PolicyBackend
 from rewardserve.registry.dtypes import resolve_dtype
-from rewardserve.registry.manifest import ManifestError, ModelManifest, resolve_source
-from rewardserve.registry.repository import Entry, scan_repository
-from rewardserve.schemas.errors import InvalidArgument, NotFound, Unavailable
+from rewardserve.registry.manifest import ModelManifest, resolve_source
+from rewardserve.registry.repository import Entry, ModelRepository
+from rewardserve.schemas.errors import NotFound, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +66,9 @@ def build_backend(manifest: ModelManifest, entry: Entry, settings: Settings) -> 
 
 
 class PolicyManager:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, repository: ModelRepository | None = None) -> None:
         self.settings = settings
-        self.entries = {
-            n: e
-            for n, e in scan_repository(settings.model_repository).items()
-            if e.manifest is not None and e.manifest.kind == "policy"
-        }
+        self.repository = repository or ModelRepository.from_settings(settings)
         self.loaded: dict[str, PolicyBackend] = {}
         self.errors: dict[str, str] = {}
         self.expected: list[str] = []
@@ -80,25 +76,12 @@ class PolicyManager:
         # threads, which a forked child would inherit in an undefined state.
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
 
-    def startup_policies(self) -> list[str]:
-        if self.settings.policies:
-            return list(self.settings.policies)
-        names = []
-        for name, e in self.entries.items():
-            assert e.manifest is not None
-            try:
-                folder = resolve_source(e.manifest, e.folder, self.settings.cache_dir)
-            except ManifestError as err:
-                log.error("not loading policy %s: %s", name, err)
-                continue
-            if folder.is_dir():
-                names.append(name)
-            else:
-                log.warning("policy %s: no weights at %s (run `make models`)", name, folder)
-        return names
+    @property
+    def entries(self) -> dict[str, Entry]:
+        return self.repository.of_kind("policy")
 
     async def start(self) -> None:
-        self.expected = self.startup_policies()
+        self.expected = self.repository.startup_set("policy")
         for name in list(self.expected):
             try:
                 await self.load(name)
@@ -110,6 +93,7 @@ class PolicyManager:
                 self.expected.remove(name)
 
     async def load(self, name: str) -> PolicyBackend:
+        name = self.repository.canonical(name)
         if name in self.loaded:
             return self.loaded[name]
         entry = self.entries.get(name)
@@ -132,27 +116,16 @@ class PolicyManager:
         return all(n in self.loaded and not self.loaded[n].failure for n in self.expected)
 
     def default_name(self) -> str | None:
-        marked = [n for n, e in self.entries.items() if e.manifest and e.manifest.default]
-        if marked:
-            return marked[0]
-        return next(iter(self.loaded)) if len(self.loaded) == 1 else None
+        return self.repository.default_name("policy", self.loaded)
 
     def resolve(self, name: str | None) -> PolicyBackend:
-        if name is None:
-            name = self.default_name()
-            if name is None:
-                known = ", ".join(sorted(self.loaded)) or "none"
-                raise InvalidArgument(f"no default policy; name one of: {known}", field="policy")
-        backend = self.loaded.get(name)
-        if backend is not None:
-            if backend.failure:
-                raise Unavailable(f"policy '{name}' is not available: {backend.failure}")
-            return backend
-        if name in self.entries:
-            why = self.errors.get(name, "not loaded")
-            raise Unavailable(f"policy '{name}' is not available: {why}")
-        known = ", ".join(sorted(self.loaded)) or "none"
-        raise NotFound(f"no policy '{name}' (loaded: {known})", field="policy")
+        """The loaded policy a request names (name or alias), or the default; a dead one is
+        a 503."""
+        name = self.repository.resolve("policy", name, self.loaded, self.errors)
+        backend = self.loaded[name]
+        if backend.failure:
+            raise Unavailable(f"policy '{name}' is not available: {backend.failure}")
+        return backend
 
     def status(self, name: str) -> str:
         if name in self.loaded:

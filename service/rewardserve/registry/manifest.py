@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -93,9 +94,26 @@ class Normalization(_Strict):
     std: float = Field(1.0, gt=0)
 
 
+def _check_alias(alias: str) -> str:
+    if alias != alias.strip():
+        raise ValueError(f"{alias!r} starts or ends with white space")
+    if any(ord(c) < 32 or ord(c) == 127 for c in alias):
+        raise ValueError(f"{alias!r} holds a control character")
+    return alias
+
+
+# Any name a client may send for the model: clients such as verl send the local path or hub id
+# they load the tokenizer from, so paths and "org/name" are allowed (matched exactly).
+Alias = Annotated[str, Field(min_length=1, max_length=1024), AfterValidator(_check_alias)]
+
+
 class ModelManifest(_Strict):
     name: str = Field(pattern=NAME_PATTERN)
     kind: Literal["reward", "policy"]
+    aliases: list[Alias] = []
+    """Other names requests may use for this model (like vLLM's --served-model-name), e.g.
+    the local path or hub id a training framework sends as `model`. Unique across the
+    repository: no alias may be another model's name or alias."""
     source: Source
     description: str = ""
     head: Head = Head()
@@ -120,6 +138,16 @@ class ModelManifest(_Strict):
     """Serve this model when a request names none (one reward model, one policy)."""
     policy: PolicySpec | None = None
     """Policies only: how they generate (defaults apply when absent)."""
+
+    @field_validator("aliases")
+    @classmethod
+    def _distinct_aliases(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        for i, alias in enumerate(v):
+            if alias == info.data.get("name"):
+                raise ValueError(f"alias {i} is the model's own name")
+            if alias in v[:i]:
+                raise ValueError(f"alias {i} ({alias!r}) is listed twice")
+        return v
 
     @field_validator("policy")
     @classmethod

@@ -9,6 +9,8 @@ from pydantic import BaseModel, ConfigDict, StrictStr
 
 class ModelInfo(BaseModel):
     id: str
+    aliases: list[str] = []
+    """Other names requests may use for this model (its manifest's `aliases`)."""
     object: Literal["model"] = "model"
     kind: Literal["reward", "policy"]
     status: Literal["loaded", "available", "error"]
@@ -29,3 +31,4 @@ class ModelList(BaseModel):
 class LoadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: StrictStr
+    """A model's name or one of its aliases."""

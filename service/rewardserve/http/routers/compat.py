@@ -1,13 +1,16 @@
 """Drop-in routes for RLHF frameworks that expect another server's API.
 
 - POST /get_reward: OpenRLHF's remote reward model (`--remote_rm_url`).
-- POST /classify: vLLM's classify API, which verl's reward loop posts to.
+- POST /classify: vLLM's classify API, which verl's reward loop posts to (vLLM engine).
+- POST /v1/embeddings: OpenAI embeddings, which verl's reward loop posts to (SGLang engine).
+Every route takes a reward model's name or alias in `model` (verl sends its model path).
 Texts arrive already rendered by the framework, so they are scored as raw text.
 """
 
 from __future__ import annotations
 
-import math
+import base64
+import struct
 import time
 import uuid
 
@@ -21,8 +24,13 @@ from rewardserve.schemas.compat import (
     ClassifyRequest,
     ClassifyResponse,
     ClassifyUsage,
+    EmbeddingData,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    EmbeddingUsage,
     OpenRLHFRequest,
     OpenRLHFResponse,
+    sigmoid,
 )
 from rewardserve.schemas.errors import InvalidArgument
 
@@ -41,17 +49,46 @@ async def get_reward(body: OpenRLHFRequest, request: Request) -> OpenRLHFRespons
     return OpenRLHFResponse(rewards=rewards, scores=rewards, extra_logs={})
 
 
-@router.post("/classify", response_model=ClassifyResponse)
-async def classify(body: ClassifyRequest, request: Request) -> ClassifyResponse:
-    """vLLM classify: probs = [raw reward], or [sigmoid(reward)] with use_activation."""
+async def _score(
+    request: Request, body: ClassifyRequest | EmbeddingRequest
+) -> tuple[str, int, list[float]]:
+    """(model name, prompt tokens, raw rewards) of a pooling-style request's texts."""
     work = engine(request).score_texts(body.model, body.texts, timeout_s(request), field_of="input")
     model, encoded, rewards = await cancel_on_disconnect(request, work)
-    probs = [1 / (1 + math.exp(-r)) if body.sigmoid else r for r in rewards]
-    tokens = sum(len(e) for e in encoded)
+    return model.scorer.name, sum(len(e) for e in encoded), rewards
+
+
+@router.post("/classify", response_model=ClassifyResponse)
+async def classify(body: ClassifyRequest, request: Request) -> ClassifyResponse:
+    """vLLM classify: probs = [sigmoid(reward)] unless use_activation is false (then the raw
+    reward), vLLM's default for a one-label classifier."""
+    model, tokens, rewards = await _score(request, body)
+    probs = [sigmoid(r) for r in rewards] if body.activated else rewards
     return ClassifyResponse(
         id=f"classify-{uuid.uuid4().hex}",
         created=int(time.time()),
-        model=model.scorer.name,
+        model=model,
         data=[ClassifyData(index=i, probs=[p]) for i, p in enumerate(probs)],
         usage=ClassifyUsage(prompt_tokens=tokens, total_tokens=tokens),
+    )
+
+
+def _encode(vector: list[float], encoding_format: str) -> list[float] | str:
+    if encoding_format == "base64":
+        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
+    return vector
+
+
+@router.post("/v1/embeddings", response_model=EmbeddingResponse)
+async def embeddings(body: EmbeddingRequest, request: Request) -> EmbeddingResponse:
+    """OpenAI embeddings shape over a reward model: embedding = [raw reward] (SGLang's
+    reward-model output, which verl's SGLang path reads as data[-1].embedding[-1])."""
+    model, tokens, rewards = await _score(request, body)
+    return EmbeddingResponse(
+        data=[
+            EmbeddingData(index=i, embedding=_encode([r], body.encoding_format))
+            for i, r in enumerate(rewards)
+        ],
+        model=model,
+        usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens),
     )
