@@ -6,18 +6,17 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from rewardserve.http.auth import require
-from rewardserve.http.deps import runtime
+from rewardserve.http.deps import require, runtime
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz")
+@router.get("/healthz", dependencies=[Depends(require("open"))])
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", dependencies=[Depends(require("open"))])
 async def readyz(request: Request) -> JSONResponse:
     """200 once every start-up model (reward models and policies) is loaded; 503 before."""
     rt = runtime(request)
