@@ -397,7 +397,7 @@ def serve_env() -> dict[str, str]:
 
 
 def test_an_exposed_address_without_keys_is_refused(model_repo, tmp_path) -> None:
-    host = "0.0.0.0"  # which addresses count as exposed: tests/unit/test_auth.py
+    host = "0.0.0.0"  # which addresses count as exposed: tests/unit/test_api_keys.py
     args = [sys.executable, "-m", "rewardserve.cli", "serve", "--host", host]
     args += ["--model-repository", str(model_repo), "--cache-dir", str(tmp_path)]
     done = subprocess.run(args, env=serve_env(), capture_output=True, text=True, timeout=120)
@@ -416,3 +416,12 @@ def test_allow_insecure_serves_an_exposed_address_open(tmp_path) -> None:
     with RewardServer(empty, extra_args=args, grpc_enabled=False) as s, s.http() as client:
         assert client.get("/v1/models").status_code == 200
         assert "without API keys (--allow-insecure)" in s.log_tail()
+
+
+def test_bad_api_keys_stop_serve_with_a_message(tmp_path) -> None:
+    args = [sys.executable, "-m", "rewardserve.cli", "serve", "--model-repository", str(tmp_path)]
+    env = {**serve_env(), "REWARDSERVE_API_KEYS": "s1:score;a1:scroe"}
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "api_keys" in done.stderr and "unknown scope 'scroe'" in done.stderr
+    assert "Traceback" not in done.stderr and "s1" not in done.stderr

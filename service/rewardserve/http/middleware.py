@@ -77,8 +77,8 @@ class Authenticate:
         return partial
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)  # lifespan
         route = self._match(scope)
         required = ANY if route is None else declared_scope(route, self.open_paths) or UNDECLARED
         headers = scope["headers"]
@@ -86,6 +86,9 @@ class Authenticate:
         try:
             scope[SCOPES_KEY] = self.keys.authorize(authorization, required)
         except ServiceError as err:
+            if scope["type"] == "websocket":
+                # closing before accept refuses the handshake (the server answers 403)
+                return await send({"type": "websocket.close", "code": 1008})
             if route is not None:
                 scope["route"] = route  # for the Metrics label
             extra = [(b"www-authenticate", b"Bearer")] if isinstance(err, Unauthenticated) else []

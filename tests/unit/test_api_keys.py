@@ -113,3 +113,77 @@ def test_exposed_bind_without_keys_is_refused() -> None:
     check_exposure(Settings(host="0.0.0.0", api_keys=["k"]))
     check_exposure(Settings(host="0.0.0.0", allow_insecure=True))
     check_exposure(Settings(host="127.0.0.1"))
+
+
+def test_a_websocket_without_a_key_is_refused(tmp_path) -> None:
+    from starlette.testclient import TestClient
+    from starlette.websockets import WebSocketDisconnect
+
+    from rewardserve.http.app import build_app
+
+    app = build_app(Settings(model_repository=tmp_path, api_keys=["k"]))
+    with pytest.raises(WebSocketDisconnect) as info, TestClient(app).websocket_connect("/v1/x"):
+        pass
+    assert info.value.code == 1008
+
+
+def test_an_undeclared_route_needs_admin(tmp_path) -> None:
+    from starlette.testclient import TestClient
+
+    from rewardserve.http.app import build_app
+
+    app = build_app(Settings(model_repository=tmp_path, api_keys=["s1:score", "a1:admin"]))
+
+    @app.post("/v1/admin/wipe")  # a new route whose author forgot its scope
+    async def wipe() -> dict[str, bool]:
+        return {"wiped": True}
+
+    client = TestClient(app)
+    assert client.post("/v1/admin/wipe").status_code == 401
+    assert client.post("/v1/admin/wipe", headers={"Authorization": "Bearer s1"}).status_code == 403
+    assert client.post("/v1/admin/wipe", headers={"Authorization": "Bearer a1"}).json() == {
+        "wiped": True
+    }
+
+
+def test_an_undeclared_rpc_needs_admin() -> None:
+    import asyncio
+
+    import grpc
+
+    from rewardserve.grpc.auth import ApiKeyInterceptor, rpc_scope
+
+    method = "/rewardserve.v1.AdminService/Wipe"
+    assert rpc_scope(method) is None
+
+    async def wipe(request: bytes, context) -> bytes:
+        return b"wiped"
+
+    async def main() -> list[grpc.StatusCode | bytes]:
+        keys = KeyRing.from_entries(["s1:score", "a1:admin"])
+        server = grpc.aio.server(interceptors=[ApiKeyInterceptor(keys)])
+        handler = grpc.unary_unary_rpc_method_handler(wipe)
+        server.add_generic_rpc_handlers(
+            (
+                grpc.method_handlers_generic_handler(
+                    "rewardserve.v1.AdminService", {"Wipe": handler}
+                ),
+            )
+        )
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        out: list[grpc.StatusCode | bytes] = []
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                call = channel.unary_unary(method)
+                for key in ("s1", "a1"):
+                    try:
+                        md = (("authorization", f"Bearer {key}"),)
+                        out.append(await call(b"", metadata=md, timeout=10))
+                    except grpc.aio.AioRpcError as e:
+                        out.append(e.code())
+        finally:
+            await server.stop(None)
+        return out
+
+    assert asyncio.run(main()) == [grpc.StatusCode.PERMISSION_DENIED, b"wiped"]
