@@ -29,7 +29,7 @@ from rewardserve import auth
 from rewardserve.config import Settings
 from rewardserve.grpc.auth import rpc_scope
 from rewardserve.http.app import build_app, schema_paths
-from rewardserve.http.middleware import declared_scope
+from rewardserve.http.auth import declared_scope
 from rewardserve.v1 import scoring_pb2 as pb
 from rewardserve.v1 import scoring_pb2_grpc
 from servers import RewardServer, pb_request

@@ -9,8 +9,9 @@ from fastapi import FastAPI
 
 from rewardserve import __version__
 from rewardserve.config import Settings
+from rewardserve.http.auth import Authenticate
 from rewardserve.http.errors import install_error_handlers
-from rewardserve.http.middleware import Authenticate, BodyGuard, Metrics
+from rewardserve.http.middleware import BodyGuard, Metrics
 from rewardserve.http.routers import bon, compat, health, models, scoring
 from rewardserve.runtime import Runtime
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 
-from rewardserve.http.deps import require, runtime, timeout_s
+from rewardserve.http.auth import require
+from rewardserve.http.deps import runtime, timeout_s
 from rewardserve.http.disconnect import cancel_on_disconnect
 from rewardserve.http.routers.scoring import ERRORS
 from rewardserve.schemas.bon import BestOfNRequest, BestOfNResponse, RerankRequest, RerankResponse

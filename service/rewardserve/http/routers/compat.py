@@ -13,7 +13,8 @@ import uuid
 
 from fastapi import APIRouter, Depends, Request
 
-from rewardserve.http.deps import engine, require, timeout_s
+from rewardserve.http.auth import require
+from rewardserve.http.deps import engine, timeout_s
 from rewardserve.http.disconnect import cancel_on_disconnect
 from rewardserve.schemas.compat import (
     ClassifyData,

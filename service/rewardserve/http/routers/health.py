@@ -6,7 +6,8 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from rewardserve.http.deps import require, runtime
+from rewardserve.http.auth import require
+from rewardserve.http.deps import runtime
 
 router = APIRouter(tags=["health"])
 

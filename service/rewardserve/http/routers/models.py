@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 
-from rewardserve.http.deps import engine, require, runtime
+from rewardserve.http.auth import require
+from rewardserve.http.deps import engine, runtime
 from rewardserve.schemas.models import LoadRequest, ModelInfo, ModelList
 
 router = APIRouter(tags=["models"])

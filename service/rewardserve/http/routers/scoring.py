@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 
-from rewardserve.http.deps import engine, require, timeout_s
+from rewardserve.http.auth import require
+from rewardserve.http.deps import engine, timeout_s
 from rewardserve.http.disconnect import cancel_on_disconnect
 from rewardserve.schemas.errors import ErrorBody
 from rewardserve.schemas.scoring import ScoreRequest, ScoreResponse
