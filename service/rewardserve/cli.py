@@ -16,10 +16,18 @@ PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_
 @app.command(context_settings=PASS_THROUGH)
 def serve(ctx: typer.Context) -> None:
     """Serve REST and gRPC. Every setting is a flag (--help lists them) and an env var."""
+    from pydantic import ValidationError
+
     from rewardserve.config import Settings
+
+    try:
+        settings = CliApp.run(Settings, cli_args=ctx.args)
+    except ValidationError as e:
+        # the error names the setting and why; a traceback would only bury it
+        typer.echo(f"rewardserve serve: {e}", err=True)
+        raise typer.Exit(2) from None
     from rewardserve.server import serve as run
 
-    settings = CliApp.run(Settings, cli_args=ctx.args)
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

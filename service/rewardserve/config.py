@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-Scope = Literal["score", "admin"]
-SCOPES = ("score", "admin")
+from rewardserve.auth import SCOPES, KeyRing, parse_api_key, split_entry
 
 
 def default_cache_dir() -> Path:
@@ -31,10 +29,17 @@ class Settings(BaseSettings):
         extra="ignore",
         cli_kebab_case=True,
         cli_implicit_flags=True,
+        # errors name the setting and the reason, never echo the input: it may hold API keys
+        hide_input_in_errors=True,
     )
 
     host: str = "127.0.0.1"
-    """Address REST and gRPC bind to. Loopback unless you mean to expose the service."""
+    """Address REST and gRPC bind to. Loopback unless you mean to expose the service: on any
+    other address the service refuses to start without --api-keys (see --allow-insecure)."""
+
+    allow_insecure: bool = False
+    """Serve a non-loopback --host without API keys, open to anyone who can reach it (admin
+    routes included). Without this flag the service refuses to start that way."""
 
     port: int = Field(8000, ge=0, le=65535)
     """REST (HTTP) port; 0 picks a free port."""
@@ -132,16 +137,17 @@ class Settings(BaseSettings):
     """Remote (openai) policies: bearer token sent to the completions server."""
 
     api_keys: Annotated[list[str], NoDecode] = []
-    """API keys as `key` (all scopes) or `key:score,admin`. When any is set, every route but
-    health needs `Authorization: Bearer <key>` (gRPC: `authorization` metadata). Env: separated
-    by ";"."""
+    """API keys as `key` (all scopes) or `key:score,admin`; `sha256:<hex digest of the key>`
+    in place of a key keeps the plaintext out of the configuration. When any is set, every
+    route but health and the API schema needs `Authorization: Bearer <key>` (gRPC:
+    `authorization` metadata). Env: separated by ";". Only digests are kept once parsed."""
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Log level of the service and uvicorn."""
 
     @field_validator("api_keys", "models", "policies", mode="before")
     @classmethod
-    def _split_list(cls, v: object) -> object:
+    def _split_list(cls, v: object, info: ValidationInfo) -> object:
         # Env vars and flags arrive as one string: a JSON list, or entries separated by ";"
         # (repeated flags are joined with "," by pydantic-settings).
         if not isinstance(v, str):
@@ -149,20 +155,38 @@ class Settings(BaseSettings):
         if v.lstrip().startswith("["):
             return json.loads(v)
         entries: list[str] = []
-        for token in (t.strip() for t in re.split(r"[;,]", v)):
-            if not token:
-                continue
-            # "key:score,admin": a bare scope name continues the previous key's scope list
-            if token in SCOPES and entries and ":" in entries[-1]:
-                entries[-1] += "," + token
-            else:
+        for chunk in v.split(";"):
+            scoped = False  # the chunk's last entry is a key with a scope list
+            for token in (t.strip() for t in chunk.split(",")):
+                if not token:
+                    continue
+                if info.field_name == "api_keys" and scoped and ":" not in token:
+                    # "key:score,admin": a bare name continues the key's scope list, and a
+                    # typo'd scope must not become a new key that holds every scope
+                    if token not in SCOPES:
+                        raise ValueError(
+                            f"'{token}' after a key with scopes is not a scope "
+                            f"({', '.join(SCOPES)}); separate keys with ';' and give a key "
+                            "every scope as key:score,admin"
+                        )
+                    entries[-1] += "," + token
+                    continue
                 entries.append(token)
+                scoped = split_entry(token)[1] is not None
         return entries
 
-    def key_scopes(self) -> dict[str, set[str]]:
-        """API key -> scopes it grants."""
-        out: dict[str, set[str]] = {}
-        for entry in self.api_keys:
-            key, _, scopes = entry.partition(":")
-            out[key] = set(scopes.split(",")) if scopes else {"score", "admin"}
+    @field_validator("api_keys")
+    @classmethod
+    def _hash_api_keys(cls, v: list[str]) -> list[str]:
+        # Keys are kept as digests from here on; the digest form parses to itself.
+        out = []
+        for i, entry in enumerate(v):
+            try:
+                out.append(parse_api_key(entry).entry())
+            except ValueError as e:
+                raise ValueError(f"api_keys entry {i + 1}: {e}") from None
         return out
+
+    def keyring(self) -> KeyRing:
+        """The API keys, as both transports check them."""
+        return KeyRing.from_entries(self.api_keys)

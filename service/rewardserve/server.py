@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import signal
 
@@ -16,7 +17,34 @@ from rewardserve.runtime import Runtime
 log = logging.getLogger("rewardserve")
 
 
+def is_loopback(host: str) -> bool:
+    """Whether binding `host` reaches this machine only. A name other than localhost counts
+    as exposed: what it resolves to can change."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(settings: Settings) -> None:
+    """Refuse (exit non-zero, before any model loads) to serve a non-loopback address open."""
+    if settings.api_keys or is_loopback(settings.host):
+        return
+    if settings.allow_insecure:
+        log.warning("serving %s without API keys (--allow-insecure): open to all", settings.host)
+        return
+    raise SystemExit(
+        f"rewardserve: refusing to serve {settings.host} without API keys: anyone who can "
+        "reach it could score and load or unload models. Set --api-keys "
+        "(REWARDSERVE_API_KEYS), bind a loopback --host, or pass --allow-insecure to serve "
+        "it open anyway."
+    )
+
+
 async def serve(settings: Settings) -> None:
+    check_exposure(settings)
     runtime = Runtime(settings)
     app = build_app(settings, runtime)
     config = uvicorn.Config(

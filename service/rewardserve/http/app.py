@@ -9,6 +9,7 @@ from fastapi import FastAPI
 
 from rewardserve import __version__
 from rewardserve.config import Settings
+from rewardserve.http.auth import Authenticate
 from rewardserve.http.errors import install_error_handlers
 from rewardserve.http.middleware import BodyGuard, Metrics
 from rewardserve.http.routers import bon, compat, health, models, scoring
@@ -33,10 +34,19 @@ def build_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
 
     app = FastAPI(title="rewardserve", version=__version__, lifespan=lifespan)
     app.state.runtime = eng
-    app.state.api_keys = settings.key_scopes()
     install_error_handlers(app)
     for module in (health, scoring, bon, models, compat):
         app.include_router(module.router)
+    # Each add wraps the last: Metrics(Authenticate(BodyGuard(app))), so the key is checked
+    # before BodyGuard reads a byte of the body.
     app.add_middleware(BodyGuard, limit=settings.max_body_bytes)
+    keys, open_paths = settings.keyring(), schema_paths(app)
+    app.add_middleware(Authenticate, keys=keys, routes=app.router.routes, open_paths=open_paths)
     app.add_middleware(Metrics)
     return app
+
+
+def schema_paths(app: FastAPI) -> set[str]:
+    """FastAPI's own schema and docs routes: open, they describe the API and hold no data."""
+    paths = {app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url}
+    return {p for p in paths if p}

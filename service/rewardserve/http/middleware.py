@@ -1,9 +1,10 @@
-"""ASGI middleware: request body size limit and per-route metrics."""
+"""ASGI middleware: request body size limit and per-route metrics (API keys: http/auth.py)."""
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -11,16 +12,18 @@ from rewardserve import metrics
 from rewardserve.schemas.errors import InvalidArgument, PayloadTooLarge, ServiceError
 
 
-def _error_json(err: ServiceError) -> bytes:
+def error_json(err: ServiceError) -> bytes:
     return json.dumps(err.body().model_dump()).encode()
 
 
-async def send_error(send: Send, status: int, body: bytes) -> None:
+async def send_error(
+    send: Send, status: int, body: bytes, headers: Sequence[tuple[bytes, bytes]] = ()
+) -> None:
     await send(
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [(b"content-type", b"application/json")],
+            "headers": [(b"content-type", b"application/json"), *headers],
         }
     )
     await send({"type": "http.response.body", "body": body})
@@ -46,8 +49,8 @@ class BodyGuard:
                 f"Content-Type must be application/json, not '{ctype.decode(errors='replace')}'",
                 field="content-type",
             )
-            return await send_error(send, 415, _error_json(wrong))
-        payload = _error_json(
+            return await send_error(send, 415, error_json(wrong))
+        payload = error_json(
             PayloadTooLarge(f"request body exceeds {self.limit} bytes", field="body")
         )
         declared = headers.get(b"content-length")

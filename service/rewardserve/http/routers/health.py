@@ -12,12 +12,12 @@ from rewardserve.http.deps import runtime
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz")
+@router.get("/healthz", dependencies=[Depends(require("open"))])
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", dependencies=[Depends(require("open"))])
 async def readyz(request: Request) -> JSONResponse:
     """200 once every start-up model (reward models and policies) is loaded; 503 before, and
     while a loaded model has failed (`failed` names it and says why)."""
