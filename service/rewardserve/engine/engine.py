@@ -51,6 +51,9 @@ class ScoringEngine:
         self.settings = settings
         self.entries: dict[str, Entry] = scan_repository(settings.model_repository)
         self.models: dict[str, LoadedModel] = {}
+        # Why a model could not be loaded (bad weights, none built): listed as status error
+        # until a load succeeds, so one broken model is visible while the others serve.
+        self.failed: dict[str, str] = {}
         # One forward at a time across all models: torch already uses every core for one.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
         self._admin_lock = asyncio.Lock()
@@ -76,14 +79,16 @@ class ScoringEngine:
             if e.manifest is None or e.manifest.kind != "reward":
                 continue
             try:
-                present = resolve_source(e.manifest, e.folder, self.settings.cache_dir).is_dir()
+                weights = resolve_source(e.manifest, e.folder, self.settings.cache_dir)
             except ManifestError as err:
                 log.error("not loading %s: %s", name, err)
+                self.failed[name] = str(err)
                 continue
-            if present:
+            if weights.is_dir():
                 names.append(name)
             else:
-                log.warning("not loading %s: its weights are not built (run `make models`)", name)
+                self.failed[name] = f"weights not found at {weights} (run `make models`?)"
+                log.warning("not loading %s: %s", name, self.failed[name])
         return names
 
     async def start(self) -> None:
@@ -139,9 +144,15 @@ class ScoringEngine:
                         self.settings.allow_trust_remote_code,
                     )
                 except FileNotFoundError as e:
+                    self.failed[name] = str(e)
                     raise Unavailable(str(e)) from None
                 except ValueError as e:  # ManifestError and transformers' config errors
+                    self.failed[name] = str(e)
                     raise InvalidArgument(str(e), field="model") from None
+                except Exception as e:  # unreadable weights (e.g. a corrupt safetensors file)
+                    self.failed[name] = f"could not load its weights: {type(e).__name__}: {e}"
+                    raise Unavailable(f"model '{name}' {self.failed[name]}") from None
+                self.failed.pop(name, None)
                 batcher = Batcher(name, scorer.forward, self._executor, self.limits)
                 batcher.start()
                 self.models[name] = LoadedModel(entry.manifest, scorer, batcher)
@@ -184,6 +195,8 @@ class ScoringEngine:
             if name not in self.models:
                 raise Unavailable(f"the default reward model '{name}' is not loaded")
         model = self.models.get(name)
+        if model is None and name in self.failed:
+            raise Unavailable(f"reward model '{name}' could not be loaded: {self.failed[name]}")
         if model is None:
             known = ", ".join(sorted(self.models)) or "none"
             raise NotFound(f"reward model '{name}' is not loaded (loaded: {known})", field="model")
@@ -201,13 +214,15 @@ class ScoringEngine:
                 max_length=0,
                 error=entry.error if entry else "unknown",
             )
+        failure = None if loaded else self.failed.get(name)
         return ModelInfo(
             id=name,
             kind=manifest.kind,
-            status="loaded" if loaded else "available",
+            status="loaded" if loaded else "error" if failure else "available",
             default=name == self.default_name(),
             max_length=manifest.max_length,
             description=manifest.description,
+            error=failure,
         )
 
     def list_models(self) -> list[ModelInfo]:
