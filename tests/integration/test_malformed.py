@@ -113,6 +113,18 @@ REST_CASES = [
      "x-request-timeout"),
     ("timeout too long", VALID, {"X-Request-Timeout": "99999"}, 400, "invalid_argument",
      "x-request-timeout"),
+    ("timeout infinite", VALID, {"X-Request-Timeout": "inf"}, 400, "invalid_argument",
+     "x-request-timeout"),
+    ("timeout empty", VALID, {"X-Request-Timeout": ""}, 400, "invalid_argument",
+     "x-request-timeout"),
+    ("timeout decimal comma", VALID, {"X-Request-Timeout": "1,5"}, 400, "invalid_argument",
+     "x-request-timeout"),
+    ("timeout hex", VALID, {"X-Request-Timeout": "0x10"}, 400, "invalid_argument",
+     "x-request-timeout"),
+    ("timeout just over an hour", VALID, {"X-Request-Timeout": "3600.5"}, 400,
+     "invalid_argument", "x-request-timeout"),
+    ("timeout with a unit", VALID, {"X-Request-Timeout": "5s"}, 400, "invalid_argument",
+     "x-request-timeout"),
 ]  # fmt: skip
 
 OTHER_ROUTES = [
@@ -222,6 +234,14 @@ GRPC_CASES = [
     ("unknown model", pb_request({**VALID, "model": "no-such-model"}), G.NOT_FOUND, "model"),
     ("text over max chars", pb_request(items(text("y" * (MAX_CHARS + 1)))), G.INVALID_ARGUMENT,
      "items.0"),
+    ("third item bad", pb_request(items(text("a"), text("b"), text(""))), G.INVALID_ARGUMENT,
+     "items.2.text"),
+    ("second message empty", pb.ScoreRequest(items=[conv(("user", "hi"), ("assistant", ""))]),
+     G.INVALID_ARGUMENT, "items.0.messages.1.content"),
+    ("messages over max chars", pb.ScoreRequest(items=[conv(("user", "z" * MAX_CHARS))]),
+     G.INVALID_ARGUMENT, "items.0"),
+    ("second item no input", pb.ScoreRequest(items=[pb.ScoreItem(text="ok"), pb.ScoreItem()]),
+     G.INVALID_ARGUMENT, "items.1"),
 ]  # fmt: skip
 
 
@@ -243,8 +263,8 @@ def test_grpc_malformed_score_request(stub, request_, status, field) -> None:
 
 @pytest.mark.parametrize(
     ("request_", "status", "field"),
-    [c[1:] for c in GRPC_CASES[:4]],
-    ids=[c[0] for c in GRPC_CASES[:4]],
+    [c[1:] for c in GRPC_CASES],
+    ids=[c[0] for c in GRPC_CASES],
 )
 def test_grpc_malformed_stream_request(stub, request_, status, field) -> None:
     with pytest.raises(grpc.RpcError) as info:
