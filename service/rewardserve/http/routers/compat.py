@@ -16,6 +16,7 @@ from fastapi import APIRouter, Depends, Request
 from rewardserve.http.auth import require
 from rewardserve.http.deps import engine, timeout_s
 from rewardserve.http.disconnect import cancel_on_disconnect
+from rewardserve.http.errors import SCORING_ERRORS, documented
 from rewardserve.schemas.compat import (
     ClassifyData,
     ClassifyRequest,
@@ -27,9 +28,10 @@ from rewardserve.schemas.compat import (
 from rewardserve.schemas.errors import InvalidArgument
 
 router = APIRouter(tags=["compat"], dependencies=[Depends(require("score"))])
+ERRORS = documented(*SCORING_ERRORS)
 
 
-@router.post("/get_reward", response_model=OpenRLHFResponse)
+@router.post("/get_reward", response_model=OpenRLHFResponse, responses=ERRORS)
 async def get_reward(body: OpenRLHFRequest, request: Request) -> OpenRLHFResponse:
     """OpenRLHF: `rewards` and `scores` are the raw rewards of each query."""
     if body.prompts is not None and len(body.prompts) != len(body.query):
@@ -41,7 +43,7 @@ async def get_reward(body: OpenRLHFRequest, request: Request) -> OpenRLHFRespons
     return OpenRLHFResponse(rewards=rewards, scores=rewards, extra_logs={})
 
 
-@router.post("/classify", response_model=ClassifyResponse)
+@router.post("/classify", response_model=ClassifyResponse, responses=ERRORS)
 async def classify(body: ClassifyRequest, request: Request) -> ClassifyResponse:
     """vLLM classify: probs = [raw reward], or [sigmoid(reward)] with use_activation."""
     work = engine(request).score_texts(body.model, body.texts, timeout_s(request), field_of="input")

@@ -5,11 +5,21 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 
 from rewardserve.http.auth import require
 from rewardserve.http.deps import runtime
+from rewardserve.http.errors import documented
 
 router = APIRouter(tags=["health"])
+
+
+class Readiness(BaseModel):
+    ready: bool
+    loaded: list[str]
+    """Models loaded now (reward models, then policies)."""
+    expected: list[str]
+    """Models start-up loads; a model that failed to load is left out (GET /v1/models)."""
 
 
 @router.get("/healthz")
@@ -17,18 +27,30 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    responses={503: {"model": Readiness, "description": "Not ready yet"}},
+)
 async def readyz(request: Request) -> JSONResponse:
     """200 once every start-up model (reward models and policies) is loaded; 503 before."""
     rt = runtime(request)
-    body = {
-        "ready": rt.ready,
-        "loaded": sorted(rt.scoring.models) + sorted(rt.policies.loaded),
-        "expected": rt.scoring.expected + rt.policies.expected,
-    }
-    return JSONResponse(body, status_code=200 if rt.ready else 503)
+    body = Readiness(
+        ready=rt.ready,
+        loaded=sorted(rt.scoring.models) + sorted(rt.policies.loaded),
+        expected=rt.scoring.expected + rt.policies.expected,
+    )
+    return JSONResponse(body.model_dump(), status_code=200 if rt.ready else 503)
 
 
-@router.get("/metrics", dependencies=[Depends(require("any"))])
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={
+        200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}},
+        **documented(401, 403),
+    },
+    dependencies=[Depends(require("any"))],
+)
 async def prometheus() -> Response:
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
