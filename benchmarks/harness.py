@@ -32,14 +32,16 @@ __all__ = [
 ]
 
 
-def default_server(backend: str, *extra_args: str) -> RewardServer:
-    """What `make serve` runs (the default models), with extra flags (limits, timeouts)."""
-    if not extra_args:
+def default_server(backend: str, *extra_args: str, torch_threads: int = 2) -> RewardServer:
+    """What `make serve` runs (the default models), with extra flags (limits, timeouts).
+    On a machine other jobs crowd, one torch thread avoids OpenMP barriers waiting on a
+    descheduled sibling thread."""
+    if not extra_args and torch_threads == 2:
         return default_models_server(backend)
     return RewardServer(
         ROOT / "models",
         cache_dir=CACHE,
-        torch_threads=2,
+        torch_threads=torch_threads,
         startup_timeout_s=STARTUP_S,
         extra_args=["--policy-backend", backend, *extra_args],
     )

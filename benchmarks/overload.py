@@ -245,20 +245,26 @@ def main() -> int:
     p.add_argument("--factor", type=float, default=4.0, help="offered load / capacity")
     p.add_argument("--seconds", type=float, default=20.0, help="length of each phase")
     p.add_argument("--deadline", type=float, default=2.0, help="each overload request's")
-    p.add_argument("--max-queue-items", type=int, default=256)
+    p.add_argument("--max-queue-items", type=int, default=32,
+                   help="the server's; the deadline keeps at most offered rate x deadline "
+                        "items queued, so a longer queue is never full")  # fmt: skip
+    p.add_argument("--torch-threads", type=int, default=2)
     p.add_argument("--min-recovery", type=float, default=0.7,
                    help="fail below this throughput ratio after/before (a shared machine "
                         "is noisy: judge the printed ratio on a quiet one)")  # fmt: skip
     p.add_argument("--out", type=Path, default=ROOT / "bench-results" / "overload")
     args = p.parse_args()
+    if args.max_queue_items < CONCURRENCY * ITEMS:
+        p.error(f"--max-queue-items must hold the {CONCURRENCY * ITEMS} items of the "
+                "closed-loop clients, or they are rejected while measuring capacity")  # fmt: skip
     load_before = os.getloadavg()[0]
     limits = ("--max-queue-items", str(args.max_queue_items))
-    with default_server("transformers", *limits) as server:
+    with default_server("transformers", *limits, torch_threads=args.torch_threads) as server:
         assert server.proc is not None
         result = asyncio.run(run(args, server.base_url, server.grpc_target, server.proc.pid))
         result["alive_after"] = server.proc.poll() is None
-    result |= {"machine": machine(), "load": load_note(load_before), "args": vars(args)}
-    result["args"]["out"] = str(args.out)
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    result |= {"machine": machine(), "load": load_note(load_before), "args": settings}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "overload.json").write_text(json.dumps(result, indent=2))
     table = markdown(result, args)
