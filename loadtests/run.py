@@ -103,10 +103,12 @@ def markdown(s: dict) -> str:
             f"| {e['p95_ms']:.0f} | {e['p99_ms']:.0f} | {e['failures']} | {e['rejected']} |"
         )
     rss = s["rss_mib"]
+    log = "a clean log" if s["server_log_clean"] else "a traceback in its log"
     lines += [
         "",
         f"Server RSS (process tree): {rss['start']:.0f} MiB at start, {rss['end']:.0f} MiB at "
-        f"the end, {rss['max']:.0f} MiB at most.",
+        f"the end, {rss['max']:.0f} MiB at most. On SIGTERM it exited "
+        f"{s['server_exit_code']} with {log}.",
     ]
     return "\n".join(lines)
 
@@ -137,6 +139,9 @@ def main() -> int:
         samples = sampler.stop()
         rss_end = tree_rss_mib(server.proc.pid)
         alive = server.proc.poll() is None
+        # SIGTERM: in-flight work drains, the engines close, the process exits 0
+        exit_code = server.stop()
+        clean_stop = exit_code == 0 and "Traceback" not in server.log_tail(10**7)
     summary = {
         "users": args.users,
         "run_time": args.run_time,
@@ -146,6 +151,8 @@ def main() -> int:
         "load": load_note(load_before),
         "locust_exit_code": rc,
         "server_alive_at_end": alive,
+        "server_exit_code": exit_code,
+        "server_log_clean": clean_stop,
         **summarize(read_stats(prefix)),
         "rss_mib": {
             "start": rss_start,
