@@ -43,6 +43,9 @@ def main() -> int:
             "--max-time", str(args.max_time),
             "--request-timeout", "300",
             "--workers", "2",
+            # a fuzzed unload of the served model would make every later answer a
+            # deliberate 503; the admin routes' validation is fuzzed in the CI test
+            "--exclude-path-regex", "^/v1/admin/",
             "--report", "junit", "--report-dir", str(args.out),
         ]  # fmt: skip
         rc = subprocess.run(cmd, cwd=args.out).returncode
