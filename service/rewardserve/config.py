@@ -104,6 +104,11 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(60.0, gt=0)
     """Deadline for a score request when the client sets none; expired items are dropped."""
 
+    shutdown_grace_s: float = Field(20.0, ge=0)
+    """On SIGTERM/SIGINT: how long in-flight requests may run on after admission stops (the
+    REST listener closes, gRPC refuses new calls); then they are cancelled and the process
+    exits 0. Keep it under the orchestrator's kill timeout (Kubernetes: 30 s)."""
+
     torch_threads: int = Field(0, ge=0)
     """Intra-op threads for model forwards (0: one per core)."""
 

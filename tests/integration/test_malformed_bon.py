@@ -48,6 +48,34 @@ BON_CASES = [
     ("no policy loaded", OK, 400, "policy"),
     ("policy without weights", {**OK, "policy": "policy-x"}, 503, None),
     ("unknown policy", {**OK, "policy": "nope"}, 404, "policy"),
+    # every other field, each on its own
+    ("negative n", {**OK, "n": -2}, 422, "n"),
+    ("n fractional", {**OK, "n": 2.5}, 422, "n"),
+    ("n null", {**OK, "n": None}, 422, "n"),
+    ("temperature above 5", {**OK, "temperature": 5.5}, 422, "temperature"),
+    ("temperature a string", {**OK, "temperature": "hot"}, 422, "temperature"),
+    ("top_p above one", {**OK, "top_p": 1.5}, 422, "top_p"),
+    ("max_tokens fractional", {**OK, "max_tokens": 1.5}, 422, "max_tokens"),
+    ("seed above int32", {**OK, "seed": 2**31}, 422, "seed"),
+    ("stop not a list", {**OK, "stop": 5}, 422, "stop"),
+    ("stop string too long", {**OK, "stop": ["s" * 65]}, 422, "stop.0"),
+    ("stop entry not a string", {**OK, "stop": [1]}, 422, "stop.0"),
+    ("top_k zero", {**OK, "top_k": 0}, 422, "top_k"),
+    ("return_all not a bool", {**OK, "return_all": "yes please"}, 422, "return_all"),
+    ("negative lambda", {**OK, "selection_temperature": -1}, 422, "selection_temperature"),
+    ("rejection rate zero", {**OK, "rejection_rate": 0}, 422, "rejection_rate"),
+    ("negative chunk", {**OK, "chunk_tokens": -16}, 422, "chunk_tokens"),
+    ("policy not a string", {**OK, "policy": 3}, 422, "policy"),
+    ("reward_model not a string", {**OK, "reward_model": ["rm-a"]}, 422, "reward_model"),
+    ("empty messages", {"messages": []}, 422, "messages"),
+    ("empty message content", {"messages": [{"role": "user", "content": ""}]}, 422,
+     "messages.0.content"),
+    ("prompts not a list", {"prompts": {"prompt": "p"}}, 422, "prompts"),
+    ("prompt and prompts", {**OK, "prompts": [OK]}, 422, "body"),
+    ("batch entry with both forms", {"prompts": [{**OK, "messages": USER}]}, 422, "prompts.0"),
+    ("batch entry extra field", {"prompts": [{**OK, "n": 2}]}, 422, "prompts.0.n"),
+    ("batch entry bad role", {"prompts": [{"messages": [{"role": "bot", "content": "x"}]}]},
+     422, "prompts.0.messages.0.role"),
 ]  # fmt: skip
 
 RERANK_CASES = [
@@ -60,7 +88,21 @@ RERANK_CASES = [
     ("top_k zero", {**OK, "candidates": ["a"], "top_k": 0}, 422, "top_k"),
     ("too many candidates", {**OK, "candidates": ["a"] * 257}, 400, "candidates"),
     ("unknown reward model", {**OK, "candidates": ["a"], "reward_model": "nope"}, 404, "model"),
-]
+    ("candidates not a list", {**OK, "candidates": "a"}, 422, "candidates"),
+    ("null candidate", {**OK, "candidates": ["a", None]}, 422, "candidates.1"),
+    ("negative top_k", {**OK, "candidates": ["a"], "top_k": -1}, 422, "top_k"),
+    ("top_k a string", {**OK, "candidates": ["a"], "top_k": "two"}, 422, "top_k"),
+    ("prompt not a string", {"prompt": 1, "candidates": ["a"]}, 422, "prompt"),
+    ("empty messages", {"messages": [], "candidates": ["a"]}, 422, "messages"),
+    ("bad role", {"messages": [{"role": "robot", "content": "x"}], "candidates": ["a"]}, 422,
+     "messages.0.role"),
+    ("reward_model not a string", {**OK, "candidates": ["a"], "reward_model": 1}, 422,
+     "reward_model"),
+    ("unknown field", {**OK, "candidates": ["a"], "n": 4}, 422, "n"),
+]  # fmt: skip
+
+# X-Request-Timeout on rerank: the same parsing as /v1/score
+TIMEOUT_VALUES = ["soon", "0", "-3", "nan", "inf", "", "3601"]
 
 CODES = {400: "invalid_argument", 422: "invalid_argument", 404: "not_found", 503: "unavailable"}
 
@@ -83,6 +125,13 @@ def test_rest_malformed_best_of_n(plain_http, body, status, field) -> None:
                          ids=[c[0] for c in RERANK_CASES])  # fmt: skip
 def test_rest_malformed_rerank(plain_http, body, status, field) -> None:
     check(plain_http.post("/v1/rerank", json=body), status, field)
+
+
+@pytest.mark.parametrize("value", TIMEOUT_VALUES)
+def test_rest_rerank_bad_deadline_header(plain_http, value) -> None:
+    body = {**OK, "candidates": ["a", "b"]}
+    r = plain_http.post("/v1/rerank", json=body, headers={"X-Request-Timeout": value})
+    check(r, 400, "x-request-timeout")
 
 
 # ---- gRPC ------------------------------------------------------------------------------------
@@ -110,6 +159,34 @@ GRPC_BON_CASES = [
     ("no policy loaded", bpb.BestOfNRequest(prompts=[prompt()]), G.INVALID_ARGUMENT, "policy"),
     ("unknown policy", bpb.BestOfNRequest(prompts=[prompt()], policy="nope"), G.NOT_FOUND,
      "policy"),
+    ("negative temperature", bpb.BestOfNRequest(prompts=[prompt()], temperature=-1),
+     G.INVALID_ARGUMENT, "temperature"),
+    ("top_p zero", bpb.BestOfNRequest(prompts=[prompt()], top_p=0), G.INVALID_ARGUMENT, "top_p"),
+    ("max_tokens zero", bpb.BestOfNRequest(prompts=[prompt()], max_tokens=0),
+     G.INVALID_ARGUMENT, "max_tokens"),
+    ("negative seed", bpb.BestOfNRequest(prompts=[prompt()], seed=-1), G.INVALID_ARGUMENT,
+     "seed"),
+    ("empty stop string", bpb.BestOfNRequest(prompts=[prompt()], stop=[""]),
+     G.INVALID_ARGUMENT, "stop.0"),
+    ("too many stop strings", bpb.BestOfNRequest(prompts=[prompt()], stop=["a"] * 9),
+     G.INVALID_ARGUMENT, "stop"),
+    ("top_k zero", bpb.BestOfNRequest(prompts=[prompt()], top_k=0), G.INVALID_ARGUMENT, "top_k"),
+    ("lambda zero", bpb.BestOfNRequest(prompts=[prompt()], selection="soft",
+                                       selection_temperature=0), G.INVALID_ARGUMENT,
+     "selection_temperature"),
+    ("unknown strategy", bpb.BestOfNRequest(prompts=[prompt()], strategy="fast"),
+     G.INVALID_ARGUMENT, "strategy"),
+    ("rejection rate one", bpb.BestOfNRequest(prompts=[prompt()], rejection_rate=1),
+     G.INVALID_ARGUMENT, "rejection_rate"),
+    ("chunk zero", bpb.BestOfNRequest(prompts=[prompt()], chunk_tokens=0), G.INVALID_ARGUMENT,
+     "chunk_tokens"),
+    ("empty conversation", bpb.BestOfNRequest(prompts=[bpb.PromptInput(
+        messages=pb.Conversation())]), G.INVALID_ARGUMENT, "prompts.0.messages"),
+    ("empty content", bpb.BestOfNRequest(prompts=[bpb.PromptInput(messages=pb.Conversation(
+        messages=[pb.ChatMessage(role="user", content="")]))]), G.INVALID_ARGUMENT,
+     "prompts.0.messages.0.content"),
+    ("second prompt empty", bpb.BestOfNRequest(prompts=[prompt(), prompt("")]),
+     G.INVALID_ARGUMENT, "prompts.1.prompt"),
 ]  # fmt: skip
 
 
@@ -136,13 +213,41 @@ def test_grpc_malformed_best_of_n(bon_stub, request_, status, field) -> None:
         assert dict(err.trailing_metadata() or ()).get("error-field") == field
 
 
-def test_grpc_malformed_rerank(bon_stub) -> None:
-    err = grpc_error(lambda: bon_stub.Rerank(bpb.RerankRequest(prompt="p"), timeout=10))
-    assert err.code() == G.INVALID_ARGUMENT
-    assert dict(err.trailing_metadata()).get("error-field") == "candidates"
-    req = bpb.RerankRequest(prompt="p", candidates=["a"], reward_model="nope")
-    err = grpc_error(lambda: bon_stub.Rerank(req, timeout=10))
-    assert err.code() == G.NOT_FOUND
+GRPC_RERANK_CASES = [
+    ("no candidates", bpb.RerankRequest(prompt="p"), G.INVALID_ARGUMENT, "candidates"),
+    ("unknown reward model", bpb.RerankRequest(prompt="p", candidates=["a"], reward_model="nope"),
+     G.NOT_FOUND, "model"),
+    ("empty candidate", bpb.RerankRequest(prompt="p", candidates=["a", ""]), G.INVALID_ARGUMENT,
+     "candidates.1"),
+    ("no context", bpb.RerankRequest(candidates=["a"]), G.INVALID_ARGUMENT, "body"),
+    ("top_k zero", bpb.RerankRequest(prompt="p", candidates=["a"], top_k=0), G.INVALID_ARGUMENT,
+     "top_k"),
+    ("negative top_k", bpb.RerankRequest(prompt="p", candidates=["a"], top_k=-2),
+     G.INVALID_ARGUMENT, "top_k"),
+    ("too many candidates", bpb.RerankRequest(prompt="p", candidates=["a"] * 257),
+     G.INVALID_ARGUMENT, "candidates"),
+    ("empty conversation", bpb.RerankRequest(messages=pb.Conversation(), candidates=["a"]),
+     G.INVALID_ARGUMENT, "messages"),
+    ("bad role", bpb.RerankRequest(messages=pb.Conversation(messages=[pb.ChatMessage(
+        role="robot", content="x")]), candidates=["a"]), G.INVALID_ARGUMENT, "messages.0.role"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("request_", "status", "field"), [c[1:] for c in GRPC_RERANK_CASES],
+                         ids=[c[0] for c in GRPC_RERANK_CASES])  # fmt: skip
+def test_grpc_malformed_rerank(bon_stub, request_, status, field) -> None:
+    err = grpc_error(lambda: bon_stub.Rerank(request_, timeout=10))
+    assert err.code() == status, err.details()
+    assert err.details()
+    assert dict(err.trailing_metadata() or ()).get("error-field") == field
+
+
+def test_service_answers_after_the_bon_corpus(plain_http, bon_stub) -> None:
+    body = {**OK, "candidates": ["one answer", "another answer"]}
+    rest = plain_http.post("/v1/rerank", json=body)
+    assert rest.status_code == 200, rest.text
+    via_grpc = bon_stub.Rerank(bpb.RerankRequest(**body), timeout=10)
+    assert [r.index for r in via_grpc.results] == [r["index"] for r in rest.json()["results"]]
 
 
 def test_rerank_is_the_same_on_both_transports(plain_http, bon_stub) -> None:

@@ -51,6 +51,9 @@ class ScoringEngine:
         self.settings = settings
         self.repository = repository or ModelRepository.from_settings(settings)
         self.models: dict[str, LoadedModel] = {}
+        # Why a model could not be loaded (bad weights, none built): listed as status error
+        # until a load succeeds, so one broken model is visible while the others serve.
+        self.failed: dict[str, str] = {}
         # One forward at a time across all models: torch already uses every core for one.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
         self._admin_lock = asyncio.Lock()
@@ -141,9 +144,15 @@ class ScoringEngine:
                         self.settings.allow_trust_remote_code,
                     )
                 except FileNotFoundError as e:
+                    self.failed[name] = str(e)
                     raise Unavailable(str(e)) from None
                 except ValueError as e:  # ManifestError and transformers' config errors
+                    self.failed[name] = str(e)
                     raise InvalidArgument(str(e), field="model") from None
+                except Exception as e:  # unreadable weights (e.g. a corrupt safetensors file)
+                    self.failed[name] = f"could not load its weights: {type(e).__name__}: {e}"
+                    raise Unavailable(f"model '{name}' {self.failed[name]}") from None
+                self.failed.pop(name, None)
                 batcher = Batcher(
                     name,
                     scorer.forward,
@@ -177,7 +186,7 @@ class ScoringEngine:
 
     def resolve(self, name: str | None) -> LoadedModel:
         """The loaded reward model a request names (name or alias), or its default."""
-        return self.models[self.repository.resolve("reward", name, self.models)]
+        return self.models[self.repository.resolve("reward", name, self.models, self.failed)]
 
     def _info(self, name: str) -> ModelInfo:
         entry = self.entries.get(name)
@@ -191,7 +200,10 @@ class ScoringEngine:
                 max_length=0,
                 error=entry.error if entry else "unknown",
             )
-        failure = loaded.batcher.failure if loaded else None
+        if loaded:
+            failure = loaded.batcher.failure
+        else:
+            failure = self.failed.get(name) or self.repository.unservable(name)
         return ModelInfo(
             id=name,
             aliases=list(manifest.aliases),

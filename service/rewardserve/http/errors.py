@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from rewardserve.schemas.errors import (
+    ErrorBody,
     InvalidArgument,
     NotFound,
     Overloaded,
@@ -18,6 +19,18 @@ from rewardserve.schemas.errors import (
 )
 
 log = logging.getLogger(__name__)
+
+# What any route taking a JSON body may answer before its handler runs: a body that does not
+# parse or validate, the body guard (413, 415) and auth (401, 403).
+BODY_ERRORS = (400, 401, 403, 413, 415, 422)
+# What scoring adds: an unknown model, a full queue, a model not loaded, a deadline.
+SCORING_ERRORS = (*BODY_ERRORS, 404, 429, 503, 504)
+
+
+def documented(*statuses: int) -> dict[int | str, dict]:
+    """A route's `responses=`: each status it may answer, with the one error shape, so
+    /openapi.json lists every status the route really returns (checked by schemathesis)."""
+    return {s: {"model": ErrorBody} for s in statuses}
 
 
 def error_response(err: ServiceError) -> JSONResponse:

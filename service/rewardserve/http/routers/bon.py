@@ -7,10 +7,11 @@ from fastapi import APIRouter, Depends, Request
 from rewardserve.http.auth import require
 from rewardserve.http.deps import runtime, timeout_s
 from rewardserve.http.disconnect import cancel_on_disconnect
-from rewardserve.http.routers.scoring import ERRORS
+from rewardserve.http.errors import SCORING_ERRORS, documented
 from rewardserve.schemas.bon import BestOfNRequest, BestOfNResponse, RerankRequest, RerankResponse
 
 router = APIRouter(tags=["best-of-n"], dependencies=[Depends(require("score"))])
+ERRORS = documented(*SCORING_ERRORS)
 
 
 @router.post("/v1/best-of-n", response_model=BestOfNResponse, responses=ERRORS)

@@ -19,6 +19,7 @@ from fastapi import APIRouter, Depends, Request
 from rewardserve.http.auth import require
 from rewardserve.http.deps import engine, timeout_s
 from rewardserve.http.disconnect import cancel_on_disconnect
+from rewardserve.http.errors import SCORING_ERRORS, documented
 from rewardserve.schemas.compat import (
     ClassifyData,
     ClassifyRequest,
@@ -35,9 +36,10 @@ from rewardserve.schemas.compat import (
 from rewardserve.schemas.errors import InvalidArgument
 
 router = APIRouter(tags=["compat"], dependencies=[Depends(require("score"))])
+ERRORS = documented(*SCORING_ERRORS)
 
 
-@router.post("/get_reward", response_model=OpenRLHFResponse)
+@router.post("/get_reward", response_model=OpenRLHFResponse, responses=ERRORS)
 async def get_reward(body: OpenRLHFRequest, request: Request) -> OpenRLHFResponse:
     """OpenRLHF: `rewards` and `scores` are the raw rewards of each query."""
     if body.prompts is not None and len(body.prompts) != len(body.query):

@@ -6,18 +6,27 @@ from fastapi import APIRouter, Depends, Request
 
 from rewardserve.http.auth import require
 from rewardserve.http.deps import engine, runtime
+from rewardserve.http.errors import BODY_ERRORS, documented
 from rewardserve.schemas.models import LoadRequest, ModelInfo, ModelList
 
 router = APIRouter(tags=["models"])
 
 
-@router.get("/v1/models", response_model=ModelList, dependencies=[Depends(require("score"))])
+@router.get(
+    "/v1/models",
+    response_model=ModelList,
+    responses=documented(401, 403),
+    dependencies=[Depends(require("score"))],
+)
 async def list_models(request: Request) -> ModelList:
     return ModelList(data=runtime(request).list_models())
 
 
 @router.post(
-    "/v1/admin/models/load", response_model=ModelInfo, dependencies=[Depends(require("admin"))]
+    "/v1/admin/models/load",
+    response_model=ModelInfo,
+    responses=documented(*BODY_ERRORS, 404, 503),
+    dependencies=[Depends(require("admin"))],
 )
 async def load(body: LoadRequest, request: Request) -> ModelInfo:
     """Load a model from the repository (rescanned first, so new folders are found)."""
@@ -25,7 +34,10 @@ async def load(body: LoadRequest, request: Request) -> ModelInfo:
 
 
 @router.post(
-    "/v1/admin/models/unload", response_model=ModelInfo, dependencies=[Depends(require("admin"))]
+    "/v1/admin/models/unload",
+    response_model=ModelInfo,
+    responses=documented(*BODY_ERRORS, 404),
+    dependencies=[Depends(require("admin"))],
 )
 async def unload(body: LoadRequest, request: Request) -> ModelInfo:
     """Unload a model; requests still queued for it fail with 503."""

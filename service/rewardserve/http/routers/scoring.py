@@ -7,11 +7,11 @@ from fastapi import APIRouter, Depends, Request
 from rewardserve.http.auth import require
 from rewardserve.http.deps import engine, timeout_s
 from rewardserve.http.disconnect import cancel_on_disconnect
-from rewardserve.schemas.errors import ErrorBody
+from rewardserve.http.errors import SCORING_ERRORS, documented
 from rewardserve.schemas.scoring import ScoreRequest, ScoreResponse
 
 router = APIRouter(tags=["scoring"], dependencies=[Depends(require("score"))])
-ERRORS = {c: {"model": ErrorBody} for c in (400, 401, 403, 404, 413, 422, 429, 503, 504)}
+ERRORS = documented(*SCORING_ERRORS)
 
 
 @router.post("/v1/score", response_model=ScoreResponse, responses=ERRORS)
