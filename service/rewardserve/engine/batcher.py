@@ -156,11 +156,15 @@ class Batcher:
                 p.future.set_exception(Unavailable(f"model '{self.name}' was unloaded"))
         metrics.QUEUE_DEPTH.labels(self.name).set(0)
 
-    async def submit(self, items: Sequence[Encoded], deadline: float) -> list[float]:
-        """Rewards for `items`, in order. Refuses at once when the queue is full."""
+    async def submit(
+        self, items: Sequence[Encoded], deadline: float, *, enforce_queue_limit: bool = True
+    ) -> list[float]:
+        """Rewards for `items`, in order. Refuses at once when the queue is full, unless
+        `enforce_queue_limit` is False (callers whose load is bounded by their own admission,
+        such as Best-of-N, which must not be refused by the scorer it feeds)."""
         if self._closed:
             raise Unavailable(f"model '{self.name}' is not loaded")
-        if self.queued + len(items) > self.limits.max_queue_items:
+        if enforce_queue_limit and self.queued + len(items) > self.limits.max_queue_items:
             metrics.REJECTED.labels(self.name).inc()
             retry = max(1.0, self.queued * self._avg_item_s)
             raise Overloaded(

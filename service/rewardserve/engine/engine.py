@@ -245,17 +245,26 @@ class ScoringEngine:
         texts: Sequence[str],
         timeout_s: float | None = None,
         field_of: str = "items",
+        *,
+        deadline: float | None = None,
+        enforce_queue_limit: bool = True,
     ) -> tuple[LoadedModel, list[Encoded], list[float]]:
-        """Rendered texts -> (model, encodings, raw rewards). The one path every API takes."""
-        # The deadline runs from arrival: time spent tokenizing counts against it too.
-        deadline = time.monotonic() + (timeout_s or self.settings.request_timeout_s)
+        """Rendered texts -> (model, encodings, raw rewards). The one path every API takes.
+
+        `deadline` (time.monotonic()) is the caller's whole-request deadline and wins over
+        `timeout_s`; without either, the request gets --request-timeout-s from now."""
+        if deadline is None:
+            # The deadline runs from arrival: time spent tokenizing counts against it too.
+            deadline = time.monotonic() + (timeout_s or self.settings.request_timeout_s)
         self._check_limits(texts, field_of)
         model = self.resolve(name)
         if sum(map(len, texts)) <= INLINE_TOKENIZE_CHARS:
             encoded = model.encode(texts)
         else:
             encoded = await asyncio.to_thread(model.encode, texts)
-        rewards = await model.batcher.submit(encoded, deadline)
+        rewards = await model.batcher.submit(
+            encoded, deadline, enforce_queue_limit=enforce_queue_limit
+        )
         return model, encoded, rewards
 
     async def score(self, req: ScoreRequest, timeout_s: float | None = None) -> ScoreResponse:

@@ -10,13 +10,16 @@ separate process; this module only imports vLLM when a backend is built.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from multiprocessing import resource_tracker
 from pathlib import Path
 from typing import Any
 
+import psutil
 from transformers import AutoTokenizer
 
 from rewardserve.policy.base import Generation, Sampling, derive_seed
@@ -24,6 +27,8 @@ from rewardserve.registry.loader import LOAD_LOCK
 from rewardserve.schemas.errors import InvalidArgument, Unavailable
 
 log = logging.getLogger(__name__)
+
+SHM_DIR = "/dev/shm"
 
 
 class VllmPolicy:
@@ -39,7 +44,7 @@ class VllmPolicy:
 
         self.name = name
         self.max_model_len = max_model_len
-        self.failure: str | None = None
+        self._failure: str | None = None
         with LOAD_LOCK:  # see registry.loader
             self.tokenizer: Any = AutoTokenizer.from_pretrained(folder)
         args = AsyncEngineArgs(
@@ -61,7 +66,22 @@ class VllmPolicy:
             enable_chunked_prefill=False,
             max_num_batched_tokens=max(max_model_len, 8192),
         )
-        self.engine = AsyncLLM.from_engine_args(args)
+        others = engine_shared_memory()  # other engines' segments are not this one's to free
+        self.engine: Any = AsyncLLM.from_engine_args(args)
+        self._engine_shm = engine_shared_memory() - others
+
+    @property
+    def failure(self) -> str | None:
+        """Set when a request saw the engine die, or when vLLM's own monitor found its engine
+        process gone (a killed EngineCore): PolicyManager then rebuilds this backend."""
+        if self._failure is None and (self.engine is None or self.engine.errored):
+            self._failure = "its vLLM engine stopped (see the server log)"
+        return self._failure
+
+    @property
+    def unfinished_requests(self) -> int:
+        """Requests the engine is still generating (vLLM's count of unfinished requests)."""
+        return self.engine.get_num_unfinished_requests()
 
     async def generate(
         self, prompts: Sequence[list[int]], n: int, sampling: Sampling
@@ -71,8 +91,12 @@ class VllmPolicy:
         from vllm.sampling_params import RequestOutputKind
         from vllm.v1.engine.exceptions import EngineDeadError
 
+        engine = self.engine
+        if engine is None:
+            raise Unavailable(f"policy '{self.name}' is closed")
         done: asyncio.Queue[Generation | BaseException | None] = asyncio.Queue()
         ids = [f"{self.name}-{uuid.uuid4().hex}" for _ in prompts]
+        finished: set[str] = set()
         # vLLM refuses n > 1 with greedy decoding; greedy gives one answer, repeated n times.
         draws = 1 if sampling.temperature == 0 else n
 
@@ -89,7 +113,7 @@ class VllmPolicy:
             tokens: dict[int, list[int]] = {}
             texts: dict[int, str] = {}
             prompt = {"prompt_token_ids": list(prompts[p])}
-            async for out in self.engine.generate(prompt, params, request_id=ids[p]):
+            async for out in engine.generate(prompt, params, request_id=ids[p]):
                 for c in out.outputs:
                     tokens.setdefault(c.index, []).extend(c.token_ids)
                     texts[c.index] = texts.get(c.index, "") + c.text
@@ -100,34 +124,98 @@ class VllmPolicy:
                                 p, c.index + copy, tokens[c.index], texts[c.index], reason
                             )
                             await done.put(gen)
+                if out.finished:
+                    finished.add(ids[p])
 
         async def run_all() -> None:
+            # Not gather: it leaves the other prompts running when one fails.
+            tasks = [asyncio.create_task(one(p)) for p in range(len(prompts))]
             try:
-                await asyncio.gather(*(one(p) for p in range(len(prompts))))
+                await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+                for t in tasks:
+                    if t.done() and not t.cancelled() and (err := t.exception()) is not None:
+                        raise err
+            finally:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+        async def run_and_report() -> None:
+            try:
+                await run_all()
             except VLLMClientError as e:  # vLLM refused the request: the caller's to fix
                 await done.put(InvalidArgument(f"the policy refused the request: {e}"))
             except EngineDeadError:
-                # vLLM does not restart a dead engine: say so now; PolicyManager refuses every
-                # later request and fails /readyz, so a supervisor restarts the service.
-                self.failure = "its vLLM engine stopped (see the server log); restart the server"
+                self._failure = "its vLLM engine stopped (see the server log)"
                 log.error("policy %s: vLLM engine died", self.name)
-                await done.put(Unavailable(f"policy '{self.name}': {self.failure}"))
+                await done.put(Unavailable(f"policy '{self.name}': {self._failure}"))
             except BaseException as e:  # surfaced to the consumer below
                 await done.put(e)
             else:
                 await done.put(None)
 
-        runner = asyncio.create_task(run_all())
+        runner = asyncio.create_task(run_and_report())
         try:
             while (item := await done.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
                 yield item
         finally:
-            if not runner.done():  # the consumer left early: stop generating for it
-                runner.cancel()
-                await self.engine.abort(ids)
-                await asyncio.gather(runner, return_exceptions=True)
+            # Every exit (done, error, cancel, deadline, a consumer that stops reading): stop
+            # the runner, then abort whatever the engine still generates for this call.
+            runner.cancel()
+            await asyncio.gather(runner, return_exceptions=True)
+            unfinished = [i for i in ids if i not in finished]
+            if unfinished and not engine.errored:
+                try:
+                    await engine.abort(unfinished)
+                except Exception:  # the engine died meanwhile: nothing is left running
+                    log.warning("policy %s: abort failed", self.name, exc_info=True)
 
     async def close(self) -> None:
-        self.engine.shutdown()
+        """Shut the engine down now, in order, while the interpreter is whole: left to
+        AsyncLLM.__del__ at interpreter exit, its shutdown runs against half-torn-down modules
+        (a TypeError traceback)."""
+        engine, self.engine = self.engine, None
+        if engine is None:
+            return
+        handler = getattr(engine, "output_handler", None)
+        # Blocking: it waits for the engine process to exit.
+        await asyncio.to_thread(engine.shutdown)
+        if handler is not None:
+            await asyncio.gather(handler, return_exceptions=True)
+        await asyncio.sleep(0)  # socket closing the shutdown scheduled on this loop
+        # The last reference: AsyncLLM.__del__ runs now (a second shutdown, a no-op).
+        del engine
+        release_shared_memory(self._engine_shm)
+
+
+def engine_shared_memory() -> set[str]:
+    """Shared-memory segments the engine's processes (descendants of this one) have mapped."""
+    names: set[str] = set()
+    for child in psutil.Process().children(recursive=True):
+        try:
+            maps = child.memory_maps(grouped=True)
+        except (psutil.Error, OSError):
+            continue
+        names.update(Path(m.path).name for m in maps if m.path.startswith(f"{SHM_DIR}/psm_"))
+    return names
+
+
+def release_shared_memory(names: set[str]) -> None:
+    """Unlink the engine's segments its processes left behind once they are gone.
+
+    vLLM's worker process frees its response queue's segment in a __del__ that a daemon
+    thread (its death-pipe monitor) can keep from running before the process exits, so the
+    segment outlives the engine and the resource tracker warns of a leak at our exit. The
+    tracker is this process's (spawned children share it), so unregistering here ends that.
+    """
+    for name in names:
+        path = Path(SHM_DIR) / name
+        if not path.exists():
+            continue
+        with contextlib.suppress(OSError):
+            path.unlink()
+        with contextlib.suppress(Exception):
+            resource_tracker.unregister(f"/{name}", "shared_memory")
+        log.debug("unlinked shared memory %s left by the vLLM engine", name)
