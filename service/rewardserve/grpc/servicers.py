@@ -155,7 +155,7 @@ class BestOfNServicer(bon_grpc.BestOfNServiceServicer):
     async def Rerank(
         self, request: bon_pb.RerankRequest, context: grpc.aio.ServicerContext
     ) -> bon_pb.RerankResponse:
-        deadline = self._deadline(context)
+        deadline = _deadline(context)  # none: rerank's own default, a scoring request's
 
         async def work() -> bon_pb.RerankResponse:
             req = convert.rerank_request(request)
