@@ -29,6 +29,7 @@ from rewardserve.schemas.errors import InvalidArgument, Unavailable
 log = logging.getLogger(__name__)
 
 SHM_DIR = "/dev/shm"
+ENGINE_SHUTDOWN_S = 30.0
 
 
 class VllmPolicy:
@@ -66,9 +67,11 @@ class VllmPolicy:
             enable_chunked_prefill=False,
             max_num_batched_tokens=max(max_model_len, 8192),
         )
-        others = engine_shared_memory()  # other engines' segments are not this one's to free
+        # What the engine's processes hold, told apart from other engines' by a before/after.
+        procs_before, shm_before = engine_processes(), engine_shared_memory()
         self.engine: Any = AsyncLLM.from_engine_args(args)
-        self._engine_shm = engine_shared_memory() - others
+        self._engine_procs = [p for p in engine_processes() if p not in procs_before]
+        self._engine_shm = engine_shared_memory() - shm_before
 
     @property
     def failure(self) -> str | None:
@@ -179,21 +182,51 @@ class VllmPolicy:
         engine, self.engine = self.engine, None
         if engine is None:
             return
+        # First the output handler: AsyncLLM.shutdown cancels it only after the engine's
+        # processes are gone, and in between it reads the closed socket as a dead engine and
+        # logs an EngineDeadError traceback. Nothing is in flight any more to need it.
         handler = getattr(engine, "output_handler", None)
-        # Blocking: it waits for the engine process to exit.
-        await asyncio.to_thread(engine.shutdown)
         if handler is not None:
+            handler.cancel()
             await asyncio.gather(handler, return_exceptions=True)
+        # Blocking: it waits for the engine process to exit. vLLM's default grace (5 s) is
+        # shorter than its own worker's exit on busy cores, and the force-kill that follows
+        # kills the engine mid-teardown (an EngineDeadError traceback, leaked shared memory).
+        await asyncio.to_thread(engine.shutdown, ENGINE_SHUTDOWN_S)
         await asyncio.sleep(0)  # socket closing the shutdown scheduled on this loop
         # The last reference: AsyncLLM.__del__ runs now (a second shutdown, a no-op).
         del engine
+        # A killed engine leaves its worker behind (orphaned, no longer our child): it exits
+        # on its own once it sees its parent gone; only then are its segments free to unlink.
+        await asyncio.to_thread(reap, self._engine_procs, ENGINE_SHUTDOWN_S)
         release_shared_memory(self._engine_shm)
+        log.info("policy %s: vLLM engine shut down", self.name)
+
+
+def engine_processes() -> list[psutil.Process]:
+    """vLLM's processes below this one (EngineCore and workers, named VLLM::... by vLLM)."""
+    found = []
+    for p in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if p.name().startswith("VLLM::"):
+                found.append(p)
+    return found
+
+
+def reap(procs: list[psutil.Process], timeout: float) -> None:
+    """Wait for `procs` to exit; kill the ones still there after `timeout`."""
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for p in alive:
+        log.warning("killing vLLM engine process %d, still running after shutdown", p.pid)
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(alive, timeout=5)
 
 
 def engine_shared_memory() -> set[str]:
     """Shared-memory segments the engine's processes (descendants of this one) have mapped."""
     names: set[str] = set()
-    for child in psutil.Process().children(recursive=True):
+    for child in engine_processes():
         try:
             maps = child.memory_maps(grouped=True)
         except (psutil.Error, OSError):
@@ -205,10 +238,11 @@ def engine_shared_memory() -> set[str]:
 def release_shared_memory(names: set[str]) -> None:
     """Unlink the engine's segments its processes left behind once they are gone.
 
-    vLLM's worker process frees its response queue's segment in a __del__ that a daemon
-    thread (its death-pipe monitor) can keep from running before the process exits, so the
-    segment outlives the engine and the resource tracker warns of a leak at our exit. The
-    tracker is this process's (spawned children share it), so unregistering here ends that.
+    vLLM's worker process frees its response queue's segment only in a __del__, which a
+    daemon thread of its own (the death-pipe monitor, holding the queue) can keep from running
+    before the process exits, and a killed engine frees nothing; the segment then outlives
+    the engine and the resource tracker warns of a leak at our exit. The tracker is this
+    process's (spawned children share it), so unregistering here ends that.
     """
     for name in names:
         path = Path(SHM_DIR) / name
