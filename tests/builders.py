@@ -151,3 +151,38 @@ def build_remote_code_rm(
 ROW_DROPPING_LOGITS = "out.logits[:1]"
 """One row whatever the batch: a model that answers k > 1 items with one reward, breaking
 the batcher's one-reward-per-item contract through the real loading and forward path."""
+
+
+def build_tiny_policy(repo: Path, name: str = "tiny-policy", seed: int = 0) -> Path:
+    """A tiny Llama causal LM (random, seeded) on the all-MiniLM tokenizer, served by the
+    transformers backend. That tokenizer has no end-of-sequence token, so every candidate runs
+    to max_tokens: a request's generation time is set by max_tokens alone."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    folder = repo / name
+    weights = folder / "weights"
+    config = LlamaConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=8192,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    LlamaForCausalLM(config).eval().save_pretrained(weights)
+    AutoTokenizer.from_pretrained(minilm_dir()).save_pretrained(weights)
+    write_manifest(
+        folder,
+        name=name,
+        kind="policy",
+        source={"kind": "repository", "path": "weights"},
+        max_length=8192,
+        default=True,
+        policy={"backend": "transformers"},
+    )
+    return folder

@@ -132,6 +132,28 @@ class Settings(BaseSettings):
     max_candidates: int = Field(256, ge=1)
     """Most candidates one rerank request may carry."""
 
+    bon_timeout_s: float = Field(600.0, gt=0)
+    """Deadline of a Best-of-N request (generation and scoring together) when the client sets
+    none (X-Request-Timeout / gRPC deadline); past it the request is a 504 and its work is
+    dropped."""
+
+    bon_max_cost_tokens: int = Field(262_144, ge=1)
+    """Most tokens one Best-of-N request may ask for: prompts x n x max_tokens. Larger requests
+    are refused (400) before anything is generated."""
+
+    bon_max_concurrency: int = Field(8, ge=1)
+    """Best-of-N requests (REST and gRPC, streams included) running at once; more are refused at
+    once with 429 / RESOURCE_EXHAUSTED. Together with the cost cap this bounds the scoring load
+    Best-of-N puts on the batcher, whose queue limit Best-of-N's own items do not hit."""
+
+    policy_max_queued: int = Field(8, ge=1)
+    """Transformers policies: generate calls waiting behind the one running before new ones are
+    refused with 429."""
+
+    policy_max_restarts: int = Field(3, ge=0)
+    """How many times a policy whose backend died (a killed vLLM engine) is rebuilt in the
+    background before it stays failed until the server restarts."""
+
     policy_timeout_s: float = Field(120.0, gt=0)
     """Remote (openai) policies: timeout of one completions call."""
 

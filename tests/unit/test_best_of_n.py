@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 
@@ -26,7 +27,7 @@ from rewardserve.engine.engine import ScoringEngine
 from rewardserve.policy.base import Sampling
 from rewardserve.policy.manager import PolicyManager
 from rewardserve.schemas.bon import BestOfNRequest, RerankRequest
-from rewardserve.schemas.errors import InvalidArgument, NotFound, Unavailable
+from rewardserve.schemas.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable
 from rewardserve.schemas.scoring import ScoreRequest
 from servers import sharpen_weights
 
@@ -317,3 +318,12 @@ async def test_speculative_rejection_never_rejects_a_finished_candidate() -> Non
         if e.gen.text[0] in "0123":
             assert e.finish == "stop" and len(e.gen.text) == 10
     assert any(e.finish == "rejected" for e in events)
+
+
+async def test_rerank_past_its_deadline_is_deadline_exceeded(setup) -> None:
+    bon = service(setup, CategoricalPolicy(OUTPUTS, PROBS))
+    req = RerankRequest(prompt=PROMPT, candidates=OUTPUTS)
+    with pytest.raises(DeadlineExceeded):
+        # the deadline wins over a generous timeout_s
+        await bon.rerank(req, timeout_s=60, deadline=time.monotonic() - 0.001)
+    assert len((await bon.rerank(req, deadline=time.monotonic() + 60)).results) == len(OUTPUTS)

@@ -4,15 +4,25 @@ Candidates are scored through the same batcher as /v1/score, each the moment it 
 so scoring overlaps the generation of the others. `stream` yields every candidate as it is
 scored and then the result; `run` is the same without the candidates on the way. Both
 transports call only this class.
+
+A request carries one absolute deadline (time.monotonic()) from its arrival: generation and
+every scoring call are bounded by it, and past it the request is DeadlineExceeded and its
+work is dropped (generation aborted, queued scoring items cancelled). Admission bounds what
+Best-of-N may ask of the shared scorer: a cost cap per request and a limit on requests at
+once; within that, its scoring items never count against the scorer's queue limit, so it is
+never refused by its own scorer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
+from rewardserve import metrics
 from rewardserve.bon.selection import kl_bound, select
 from rewardserve.bon.speculative import SpeculativeRejection
 from rewardserve.config import Settings
@@ -31,8 +41,24 @@ from rewardserve.schemas.bon import (
     RerankRequest,
     RerankResponse,
 )
-from rewardserve.schemas.errors import InvalidArgument
+from rewardserve.schemas.errors import DeadlineExceeded, InvalidArgument, Overloaded
 from rewardserve.schemas.scoring import ChatMessage, ScoreItem
+
+T = TypeVar("T")
+
+
+async def within(deadline: float, work: Awaitable[T]) -> T:
+    """`work`, cancelled (and answered DeadlineExceeded) at `deadline` (time.monotonic())."""
+    loop = asyncio.get_running_loop()
+    # The loop's clock need not be time.monotonic() (uvloop caches its own): convert.
+    when = loop.time() + (deadline - time.monotonic())
+    try:
+        async with asyncio.timeout_at(when):
+            return await work
+    except TimeoutError:
+        raise DeadlineExceeded(
+            "the request's deadline passed; its remaining work was dropped"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -70,14 +96,24 @@ def reward_item(item: PromptInput, response: str) -> ScoreItem:
 class BestOfN:
     def __init__(self, settings: Settings, scoring: ScoringEngine, policies: PolicyManager):
         self.settings, self.scoring, self.policies = settings, scoring, policies
+        self.running = 0
+        """Best-of-N requests admitted and not yet finished (both transports)."""
+        self._avg_request_s = 5.0  # running estimate, for Retry-After
+
+    def deadline(self, timeout_s: float | None) -> float:
+        """The deadline of a Best-of-N request arriving now, with the client's timeout (or
+        the server's --bon-timeout-s)."""
+        return time.monotonic() + (timeout_s or self.settings.bon_timeout_s)
 
     # ---- helpers ---------------------------------------------------------------------
 
     async def _reward(
-        self, model: LoadedModel, item: PromptInput, text: str
+        self, model: LoadedModel, item: PromptInput, text: str, deadline: float
     ) -> tuple[float, float]:
         rendered = self.scoring.render(model, reward_item(item, text))
-        _, _, (reward,) = await self.scoring.score_texts(model.scorer.name, [rendered])
+        _, _, (reward,) = await self.scoring.score_texts(
+            model.scorer.name, [rendered], deadline=deadline, enforce_queue_limit=False
+        )
         return reward, model.scorer.normalizer(reward)
 
     def _check(self, req: BestOfNRequest, policy: PolicyBackend, prompts: list[list[int]]):
@@ -89,6 +125,14 @@ class BestOfN:
                 f"{len(prompts)} prompts; at most {s.max_prompts_per_request} per request",
                 field="prompts",
             )
+        cost = len(prompts) * req.n * req.max_tokens
+        if cost > s.bon_max_cost_tokens:
+            raise InvalidArgument(
+                f"{len(prompts)} prompts x n={req.n} x max_tokens={req.max_tokens} = {cost:,} "
+                f"tokens; at most {s.bon_max_cost_tokens:,} per request "
+                "(--bon-max-cost-tokens): ask for fewer candidates or tokens",
+                field="n",
+            )
         for i, ids in enumerate(prompts):
             if len(ids) + req.max_tokens > policy.max_model_len:
                 field = "max_tokens" if len(ids) < policy.max_model_len else "prompt"
@@ -98,19 +142,72 @@ class BestOfN:
                     field=field,
                 )
 
+    def _admit(self) -> None:
+        limit = self.settings.bon_max_concurrency
+        if self.running >= limit:
+            raise Overloaded(
+                f"{self.running} Best-of-N requests running (limit {limit}, "
+                "--bon-max-concurrency); retry later",
+                retry_after_s=round(max(1.0, self._avg_request_s / limit), 1),
+            )
+
     # ---- Best-of-N -------------------------------------------------------------------
 
-    async def stream(self, req: BestOfNRequest) -> AsyncIterator[ScoredCandidate | BestOfNResponse]:
+    async def stream(
+        self, req: BestOfNRequest, deadline: float | None = None
+    ) -> AsyncIterator[ScoredCandidate | BestOfNResponse]:
+        """Every candidate as it is scored, then the result; the whole of it within
+        `deadline` (time.monotonic(); default: --bon-timeout-s from now)."""
         started = time.perf_counter()
+        if deadline is None:
+            deadline = self.deadline(None)
         policy = self.policies.resolve(req.policy)
         model = self.scoring.resolve(req.reward_model)
         inputs = req.inputs()
         prompts = [policy_prompt_ids(policy, it) for it in inputs]
         self._check(req, policy, prompts)
+        self._admit()
+        self.running += 1
+        metrics.BON_RUNNING.inc()
+        # The work runs in a task of its own, so the deadline cancels it wherever it is, and
+        # never the consumer's code between two events (a gRPC write, say).
+        events: asyncio.Queue[ScoredCandidate | asyncio.Task[BestOfNResponse]] = asyncio.Queue()
+        work = asyncio.create_task(
+            within(
+                deadline,
+                self._work(req, policy, model, prompts, started, deadline, events.put_nowait),
+            )
+        )
+        work.add_done_callback(events.put_nowait)
+        try:
+            while not isinstance(event := await events.get(), asyncio.Task):
+                yield event
+        finally:
+            self.running -= 1
+            metrics.BON_RUNNING.dec()
+            if not work.done():
+                work.cancel()
+                await asyncio.gather(work, return_exceptions=True)
+            else:
+                elapsed = time.perf_counter() - started
+                self._avg_request_s = 0.8 * self._avg_request_s + 0.2 * elapsed
+        yield event.result()
+
+    async def _work(
+        self,
+        req: BestOfNRequest,
+        policy: PolicyBackend,
+        model: LoadedModel,
+        prompts: list[list[int]],
+        started: float,
+        deadline: float,
+        emit: Callable[[ScoredCandidate], None],
+    ) -> BestOfNResponse:
+        inputs = req.inputs()
         sampling = Sampling(req.temperature, req.top_p, req.max_tokens, req.seed, tuple(req.stop))
 
         async def score(gen: Generation, finish: str) -> ScoredCandidate:
-            reward, norm = await self._reward(model, inputs[gen.prompt_index], gen.text)
+            reward, norm = await self._reward(model, inputs[gen.prompt_index], gen.text, deadline)
             cand = Candidate(
                 index=gen.index,
                 text=gen.text,
@@ -122,35 +219,39 @@ class BestOfN:
             return ScoredCandidate(gen.prompt_index, cand)
 
         scored: list[ScoredCandidate] = []
+
+        def done(event: ScoredCandidate) -> None:
+            scored.append(event)
+            emit(event)
+
         generated_tokens = 0
         if req.strategy == "speculative":
             spec = SpeculativeRejection(
                 policy, prompts, req.n, sampling, req.rejection_rate, req.chunk_tokens, score
             )
             async for event in spec.run():
-                scored.append(event)
-                yield event
+                done(event)
             generated_tokens, generation_end = spec.generated_tokens, spec.generation_end
         else:
             pending: set[asyncio.Task[ScoredCandidate]] = set()
             try:
-                async for gen in policy.generate(prompts, req.n, sampling):
-                    generated_tokens += len(gen.token_ids)
-                    pending.add(asyncio.create_task(score(gen, gen.finish_reason)))
-                    for task in [t for t in pending if t.done()]:
-                        pending.discard(task)
-                        scored.append(task.result())
-                        yield scored[-1]
+                async with contextlib.aclosing(policy.generate(prompts, req.n, sampling)) as gens:
+                    async for gen in gens:
+                        generated_tokens += len(gen.token_ids)
+                        pending.add(asyncio.create_task(score(gen, gen.finish_reason)))
+                        for task in [t for t in pending if t.done()]:
+                            pending.discard(task)
+                            done(task.result())
                 generation_end = time.perf_counter()
                 for next_done in asyncio.as_completed(pending):
-                    scored.append(await next_done)
-                    yield scored[-1]
+                    done(await next_done)
                 pending.clear()
             finally:
                 for t in pending:
                     t.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
         ended = time.perf_counter()
-        yield self._response(
+        return self._response(
             req,
             policy,
             model,
@@ -165,10 +266,11 @@ class BestOfN:
             ),
         )
 
-    async def run(self, req: BestOfNRequest) -> BestOfNResponse:
-        async for event in self.stream(req):
-            if isinstance(event, BestOfNResponse):
-                return event
+    async def run(self, req: BestOfNRequest, deadline: float | None = None) -> BestOfNResponse:
+        async with contextlib.aclosing(self.stream(req, deadline)) as events:
+            async for event in events:
+                if isinstance(event, BestOfNResponse):
+                    return event
         raise AssertionError("stream ended without a result")
 
     def _response(
@@ -223,7 +325,13 @@ class BestOfN:
 
     # ---- rerank ----------------------------------------------------------------------
 
-    async def rerank(self, req: RerankRequest, timeout_s: float | None = None) -> RerankResponse:
+    async def rerank(
+        self, req: RerankRequest, timeout_s: float | None = None, *, deadline: float | None = None
+    ) -> RerankResponse:
+        """The candidates ranked; within `deadline` (time.monotonic()), else `timeout_s`, else
+        --request-timeout-s from now."""
+        if deadline is None:
+            deadline = time.monotonic() + (timeout_s or self.settings.request_timeout_s)
         if len(req.candidates) > self.settings.max_candidates:
             raise InvalidArgument(
                 f"{len(req.candidates)} candidates; at most {self.settings.max_candidates}",
@@ -232,8 +340,11 @@ class BestOfN:
         model = self.scoring.resolve(req.reward_model)
         item = PromptInput.model_construct(prompt=req.prompt, messages=req.messages)
         texts = [self.scoring.render(model, reward_item(item, c)) for c in req.candidates]
-        model, encoded, rewards = await self.scoring.score_texts(
-            model.scorer.name, texts, timeout_s, field_of="candidates"
+        model, encoded, rewards = await within(
+            deadline,
+            self.scoring.score_texts(
+                model.scorer.name, texts, field_of="candidates", deadline=deadline
+            ),
         )
         norm = model.scorer.normalizer
         ranked = sorted(range(len(rewards)), key=lambda i: (-rewards[i], i))

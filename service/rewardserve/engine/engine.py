@@ -251,15 +251,19 @@ class ScoringEngine:
         timeout_s: float | None = None,
         field_of: str = "items",
         *,
+        deadline: float | None = None,
         enforce_queue_limit: bool = True,
     ) -> tuple[LoadedModel, list[Encoded], list[float]]:
         """Rendered texts -> (model, encodings, raw rewards). The one path every API takes.
 
         enforce_queue_limit=False is for callers that do their own admission (Best-of-N):
-        they never get a 429 from the scorer.
+        they never get a 429 from the scorer. `deadline` (time.monotonic()) is the caller's
+        whole-request deadline and wins over `timeout_s`; without either, the request gets
+        --request-timeout-s from now.
         """
-        # The deadline runs from arrival: time spent tokenizing counts against it too.
-        deadline = time.monotonic() + (timeout_s or self.settings.request_timeout_s)
+        if deadline is None:
+            # The deadline runs from arrival: time spent tokenizing counts against it too.
+            deadline = time.monotonic() + (timeout_s or self.settings.request_timeout_s)
         self._check_limits(texts, field_of)
         model = self.resolve(name)
         if enforce_queue_limit:  # before tokenizing a request that could never be queued

@@ -54,6 +54,12 @@ def _timeout(context: grpc.aio.ServicerContext) -> float | None:
     return remaining if remaining is not None and remaining > 0 else None
 
 
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    """The client's deadline as time.monotonic(), even when already passed (None: none set)."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
 class RewardServicer(pb_grpc.RewardServiceServicer):
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -113,11 +119,18 @@ class BestOfNServicer(bon_grpc.BestOfNServiceServicer):
     def __init__(self, runtime: Runtime) -> None:
         self.bon = runtime.bon
 
+    def _deadline(self, context: grpc.aio.ServicerContext) -> float:
+        """One deadline from arrival: the client's, else --bon-timeout-s."""
+        return _deadline(context) or self.bon.deadline(None)
+
     async def BestOfN(
         self, request: bon_pb.BestOfNRequest, context: grpc.aio.ServicerContext
     ) -> bon_pb.BestOfNResponse:
+        deadline = self._deadline(context)
+
         async def work() -> bon_pb.BestOfNResponse:
-            return convert.bon_response(await self.bon.run(convert.bon_request(request)))
+            req = convert.bon_request(request)
+            return convert.bon_response(await self.bon.run(req, deadline))
 
         return await unary("BestOfN", context, work)
 
@@ -126,8 +139,9 @@ class BestOfNServicer(bon_grpc.BestOfNServiceServicer):
     ) -> AsyncIterator[bon_pb.BestOfNEvent]:
         """Each candidate as soon as it is scored, then the result."""
         code = "OK"
+        deadline = self._deadline(context)
         try:
-            async for event in self.bon.stream(convert.bon_request(request)):
+            async for event in self.bon.stream(convert.bon_request(request), deadline):
                 if isinstance(event, BestOfNResponse):
                     yield bon_pb.BestOfNEvent(result=convert.bon_response(event))
                 else:
@@ -141,8 +155,10 @@ class BestOfNServicer(bon_grpc.BestOfNServiceServicer):
     async def Rerank(
         self, request: bon_pb.RerankRequest, context: grpc.aio.ServicerContext
     ) -> bon_pb.RerankResponse:
+        deadline = _deadline(context)  # none: rerank's own default, a scoring request's
+
         async def work() -> bon_pb.RerankResponse:
             req = convert.rerank_request(request)
-            return convert.rerank_response(await self.bon.rerank(req, _timeout(context)))
+            return convert.rerank_response(await self.bon.rerank(req, deadline=deadline))
 
         return await unary("Rerank", context, work)

@@ -2,23 +2,28 @@
 
 All prompts of a call go through one `generate` with `num_return_sequences=n` (left padding),
 in a worker thread of its own so the event loop keeps serving. Candidates of one call finish
-together, so they are yielded together at the end.
+together, so they are yielded together at the end. Calls wait for that one thread in a bounded
+queue (over it: 429 at once), and a call whose caller is gone (cancelled, past its deadline)
+stops at its next decoding step instead of running to max_tokens.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+import time
 from collections.abc import AsyncIterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 
 from rewardserve.policy.base import Generation, Sampling
 from rewardserve.registry.loader import LOAD_LOCK
+from rewardserve.schemas.errors import Overloaded, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +34,26 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     return (text[: min(hits)], True) if hits else (text, False)
 
 
+class StopWhenSet(StoppingCriteria):
+    """Ends every sequence of a generate call once `event` is set (its caller went away)."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **_: Any):
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool)
+
+
 class TransformersPolicy:
     kind = "transformers"
     failure: str | None = None  # nothing here dies for good: errors are per request
 
-    def __init__(self, name: str, folder: Path, max_model_len: int, dtype: str) -> None:
+    def __init__(
+        self, name: str, folder: Path, max_model_len: int, dtype: str, max_queued: int = 8
+    ) -> None:
         self.name = name
         self.max_model_len = max_model_len
+        self.max_queued = max_queued
         # This backend runs on the CPU. bf16 matmuls have no fast path on CPUs without AMX (the
         # reward model ran 1.5x slower in bf16 on AVX-512), so the weights load as float32
         # whatever the manifest's dtype, which is vLLM's.
@@ -48,18 +66,58 @@ class TransformersPolicy:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"generate-{name}")
+        self._outstanding = 0  # calls running or waiting for the generate thread
+        self._lock = threading.Lock()
+        self._avg_call_s = 1.0  # running estimate, for Retry-After
 
     async def generate(
         self, prompts: Sequence[list[int]], n: int, sampling: Sampling
     ) -> AsyncIterator[Generation]:
-        loop = asyncio.get_running_loop()
-        outputs = await loop.run_in_executor(self._executor, self._generate, prompts, n, sampling)
+        with self._lock:
+            if self._outstanding > self.max_queued:  # one running, max_queued waiting
+                retry = max(1.0, self._outstanding * self._avg_call_s)
+                raise Overloaded(
+                    f"policy '{self.name}' has {self._outstanding - 1} generate calls waiting "
+                    f"(limit {self.max_queued}, --policy-max-queued); retry later",
+                    retry_after_s=round(retry, 1),
+                )
+            self._outstanding += 1
+        stop = threading.Event()
+        try:
+            job = self._executor.submit(self._timed, prompts, n, sampling, stop)
+        except RuntimeError:  # shut down
+            self._finished(None)
+            raise Unavailable(f"policy '{self.name}' is shutting down") from None
+        job.add_done_callback(self._finished)
+        try:
+            outputs = await asyncio.wrap_future(job)
+        finally:
+            stop.set()  # a cancelled caller: the thread stops at its next step
         for gen in outputs:
             yield gen
 
+    def _finished(self, _: Future | None) -> None:
+        with self._lock:
+            self._outstanding -= 1
+
+    def _timed(
+        self, prompts: Sequence[list[int]], n: int, sampling: Sampling, stop: threading.Event
+    ) -> list[Generation]:
+        if stop.is_set():  # its caller left while it waited
+            return []
+        started = time.perf_counter()
+        try:
+            return self._generate(prompts, n, sampling, stop)
+        finally:
+            self._avg_call_s = 0.8 * self._avg_call_s + 0.2 * (time.perf_counter() - started)
+
     @torch.inference_mode()
     def _generate(
-        self, prompts: Sequence[list[int]], n: int, sampling: Sampling
+        self,
+        prompts: Sequence[list[int]],
+        n: int,
+        sampling: Sampling,
+        stop: threading.Event | None = None,
     ) -> list[Generation]:
         tok = self.tokenizer
         width = max(len(p) for p in prompts)
@@ -85,6 +143,7 @@ class TransformersPolicy:
             pad_token_id=tok.pad_token_id,
             stop_strings=list(sampling.stop) or None,
             tokenizer=tok if sampling.stop else None,
+            stopping_criteria=StoppingCriteriaList([StopWhenSet(stop or threading.Event())]),
         )
         eos = tok.eos_token_id
         results = []

@@ -10,13 +10,16 @@ separate process; this module only imports vLLM when a backend is built.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from multiprocessing import resource_tracker
 from pathlib import Path
 from typing import Any
 
+import psutil
 from transformers import AutoTokenizer
 
 from rewardserve.policy.base import Generation, Sampling, derive_seed
@@ -24,6 +27,9 @@ from rewardserve.registry.loader import LOAD_LOCK
 from rewardserve.schemas.errors import InvalidArgument, Unavailable
 
 log = logging.getLogger(__name__)
+
+SHM_DIR = "/dev/shm"
+ENGINE_SHUTDOWN_S = 30.0
 
 
 class VllmPolicy:
@@ -39,7 +45,7 @@ class VllmPolicy:
 
         self.name = name
         self.max_model_len = max_model_len
-        self.failure: str | None = None
+        self._failure: str | None = None
         with LOAD_LOCK:  # see registry.loader
             self.tokenizer: Any = AutoTokenizer.from_pretrained(folder)
         args = AsyncEngineArgs(
@@ -61,7 +67,24 @@ class VllmPolicy:
             enable_chunked_prefill=False,
             max_num_batched_tokens=max(max_model_len, 8192),
         )
-        self.engine = AsyncLLM.from_engine_args(args)
+        # What the engine's processes hold, told apart from other engines' by a before/after.
+        procs_before, shm_before = engine_processes(), engine_shared_memory()
+        self.engine: Any = AsyncLLM.from_engine_args(args)
+        self._engine_procs = [p for p in engine_processes() if p not in procs_before]
+        self._engine_shm = engine_shared_memory() - shm_before
+
+    @property
+    def failure(self) -> str | None:
+        """Set when a request saw the engine die, or when vLLM's own monitor found its engine
+        process gone (a killed EngineCore): PolicyManager then rebuilds this backend."""
+        if self._failure is None and (self.engine is None or self.engine.errored):
+            self._failure = "its vLLM engine stopped (see the server log)"
+        return self._failure
+
+    @property
+    def unfinished_requests(self) -> int:
+        """Requests the engine is still generating (vLLM's count of unfinished requests)."""
+        return self.engine.get_num_unfinished_requests()
 
     async def generate(
         self, prompts: Sequence[list[int]], n: int, sampling: Sampling
@@ -71,8 +94,12 @@ class VllmPolicy:
         from vllm.sampling_params import RequestOutputKind
         from vllm.v1.engine.exceptions import EngineDeadError
 
+        engine = self.engine
+        if engine is None:
+            raise Unavailable(f"policy '{self.name}' is closed")
         done: asyncio.Queue[Generation | BaseException | None] = asyncio.Queue()
         ids = [f"{self.name}-{uuid.uuid4().hex}" for _ in prompts]
+        finished: set[str] = set()
         # vLLM refuses n > 1 with greedy decoding; greedy gives one answer, repeated n times.
         draws = 1 if sampling.temperature == 0 else n
 
@@ -89,7 +116,7 @@ class VllmPolicy:
             tokens: dict[int, list[int]] = {}
             texts: dict[int, str] = {}
             prompt = {"prompt_token_ids": list(prompts[p])}
-            async for out in self.engine.generate(prompt, params, request_id=ids[p]):
+            async for out in engine.generate(prompt, params, request_id=ids[p]):
                 for c in out.outputs:
                     tokens.setdefault(c.index, []).extend(c.token_ids)
                     texts[c.index] = texts.get(c.index, "") + c.text
@@ -100,34 +127,129 @@ class VllmPolicy:
                                 p, c.index + copy, tokens[c.index], texts[c.index], reason
                             )
                             await done.put(gen)
+                if out.finished:
+                    finished.add(ids[p])
 
         async def run_all() -> None:
+            # Not gather: it leaves the other prompts running when one fails.
+            tasks = [asyncio.create_task(one(p)) for p in range(len(prompts))]
             try:
-                await asyncio.gather(*(one(p) for p in range(len(prompts))))
+                await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+                for t in tasks:
+                    if t.done() and not t.cancelled() and (err := t.exception()) is not None:
+                        raise err
+            finally:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+        async def run_and_report() -> None:
+            try:
+                await run_all()
             except VLLMClientError as e:  # vLLM refused the request: the caller's to fix
                 await done.put(InvalidArgument(f"the policy refused the request: {e}"))
             except EngineDeadError:
-                # vLLM does not restart a dead engine: say so now; PolicyManager refuses every
-                # later request and fails /readyz, so a supervisor restarts the service.
-                self.failure = "its vLLM engine stopped (see the server log); restart the server"
+                self._failure = "its vLLM engine stopped (see the server log)"
                 log.error("policy %s: vLLM engine died", self.name)
-                await done.put(Unavailable(f"policy '{self.name}': {self.failure}"))
+                await done.put(Unavailable(f"policy '{self.name}': {self._failure}"))
             except BaseException as e:  # surfaced to the consumer below
                 await done.put(e)
             else:
                 await done.put(None)
 
-        runner = asyncio.create_task(run_all())
+        runner = asyncio.create_task(run_and_report())
         try:
             while (item := await done.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
                 yield item
         finally:
-            if not runner.done():  # the consumer left early: stop generating for it
-                runner.cancel()
-                await self.engine.abort(ids)
-                await asyncio.gather(runner, return_exceptions=True)
+            # Every exit (done, error, cancel, deadline, a consumer that stops reading): stop
+            # the runner, then abort whatever the engine still generates for this call.
+            runner.cancel()
+            await asyncio.gather(runner, return_exceptions=True)
+            unfinished = [i for i in ids if i not in finished]
+            if unfinished and not engine.errored:
+                try:
+                    await engine.abort(unfinished)
+                except Exception:  # the engine died meanwhile: nothing is left running
+                    log.warning("policy %s: abort failed", self.name, exc_info=True)
 
     async def close(self) -> None:
-        self.engine.shutdown()
+        """Shut the engine down now, in order, while the interpreter is whole: left to
+        AsyncLLM.__del__ at interpreter exit, its shutdown runs against half-torn-down modules
+        (a TypeError traceback)."""
+        engine, self.engine = self.engine, None
+        if engine is None:
+            return
+        # First the output handler: AsyncLLM.shutdown cancels it only after the engine's
+        # processes are gone, and in between it reads the closed socket as a dead engine and
+        # logs an EngineDeadError traceback. Nothing is in flight any more to need it.
+        handler = getattr(engine, "output_handler", None)
+        if handler is not None:
+            handler.cancel()
+            await asyncio.gather(handler, return_exceptions=True)
+        # Blocking: it waits for the engine process to exit. vLLM's default grace (5 s) is
+        # shorter than its own worker's exit on busy cores, and the force-kill that follows
+        # kills the engine mid-teardown (an EngineDeadError traceback, leaked shared memory).
+        await asyncio.to_thread(engine.shutdown, ENGINE_SHUTDOWN_S)
+        await asyncio.sleep(0)  # socket closing the shutdown scheduled on this loop
+        # The last reference: AsyncLLM.__del__ runs now (a second shutdown, a no-op).
+        del engine
+        # A killed engine leaves its worker behind (orphaned, no longer our child): it exits
+        # on its own once it sees its parent gone; only then are its segments free to unlink.
+        await asyncio.to_thread(reap, self._engine_procs, ENGINE_SHUTDOWN_S)
+        release_shared_memory(self._engine_shm)
+        log.info("policy %s: vLLM engine shut down", self.name)
+
+
+def engine_processes() -> list[psutil.Process]:
+    """vLLM's processes below this one (EngineCore and workers, named VLLM::... by vLLM)."""
+    found = []
+    for p in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if p.name().startswith("VLLM::"):
+                found.append(p)
+    return found
+
+
+def reap(procs: list[psutil.Process], timeout: float) -> None:
+    """Wait for `procs` to exit; kill the ones still there after `timeout`."""
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for p in alive:
+        log.warning("killing vLLM engine process %d, still running after shutdown", p.pid)
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(alive, timeout=5)
+
+
+def engine_shared_memory() -> set[str]:
+    """Shared-memory segments the engine's processes (descendants of this one) have mapped."""
+    names: set[str] = set()
+    for child in engine_processes():
+        try:
+            maps = child.memory_maps(grouped=True)
+        except (psutil.Error, OSError):
+            continue
+        names.update(Path(m.path).name for m in maps if m.path.startswith(f"{SHM_DIR}/psm_"))
+    return names
+
+
+def release_shared_memory(names: set[str]) -> None:
+    """Unlink the engine's segments its processes left behind once they are gone.
+
+    vLLM's worker process frees its response queue's segment only in a __del__, which a
+    daemon thread of its own (the death-pipe monitor, holding the queue) can keep from running
+    before the process exits, and a killed engine frees nothing; the segment then outlives
+    the engine and the resource tracker warns of a leak at our exit. The tracker is this
+    process's (spawned children share it), so unregistering here ends that.
+    """
+    for name in names:
+        path = Path(SHM_DIR) / name
+        if not path.exists():
+            continue
+        with contextlib.suppress(OSError):
+            path.unlink()
+        with contextlib.suppress(Exception):
+            resource_tracker.unregister(f"/{name}", "shared_memory")
+        log.debug("unlinked shared memory %s left by the vLLM engine", name)

@@ -17,8 +17,10 @@ ERRORS = documented(*SCORING_ERRORS)
 @router.post("/v1/best-of-n", response_model=BestOfNResponse, responses=ERRORS)
 async def best_of_n(body: BestOfNRequest, request: Request) -> BestOfNResponse:
     """Sample n candidates per prompt from a policy, score each with a reward model as it
-    finishes, and choose one (argmax or soft). A client that disconnects stops generation."""
-    return await cancel_on_disconnect(request, runtime(request).bon.run(body))
+    finishes, and choose one (argmax or soft). A client that disconnects stops generation; the
+    whole request is bounded by X-Request-Timeout (default --bon-timeout-s): past it, 504."""
+    bon = runtime(request).bon
+    return await cancel_on_disconnect(request, bon.run(body, bon.deadline(timeout_s(request))))
 
 
 @router.post("/v1/rerank", response_model=RerankResponse, responses=ERRORS)
