@@ -93,7 +93,7 @@ async def test_start_loads_every_reward_model_with_weights(engine: ScoringEngine
     assert engine.ready
     listed = {m.id: m for m in engine.list_models()}
     assert listed["rm-a"].status == "loaded" and listed["rm-a"].default
-    assert listed["ghost"].status == "error" and "not found" in (listed["ghost"].error or "")
+    assert listed["ghost"].status == "error" and "not built" in (listed["ghost"].error or "")
     assert listed["policy-x"].kind == "policy" and listed["policy-x"].status == "available"
     assert listed["broken"].status == "error" and "source" in (listed["broken"].error or "")
     assert sum(m.default for m in listed.values()) == 1

@@ -203,7 +203,9 @@ class ScoringEngine:
         if loaded:
             failure = loaded.batcher.failure
         else:
-            failure = self.failed.get(name) or self.repository.unservable(name)
+            # Policies' state is the policy manager's (Runtime.list_models).
+            unservable = self.repository.unservable(name) if manifest.kind == "reward" else None
+            failure = self.failed.get(name) or unservable
         return ModelInfo(
             id=name,
             aliases=list(manifest.aliases),
