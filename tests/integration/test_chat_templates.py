@@ -35,24 +35,13 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(repo: Path) -> Iterator[RewardServer]:
-    with RewardServer(repo) as s:
-        yield s
+def clients(repo: Path) -> Iterator[tuple[httpx.Client, scoring_pb2_grpc.RewardServiceStub]]:
+    with RewardServer(repo) as s, s.http() as http, grpc.insecure_channel(s.grpc_target) as ch:
+        yield http, scoring_pb2_grpc.RewardServiceStub(ch)
 
 
-@pytest.fixture(scope="module")
-def http(server: RewardServer) -> Iterator[httpx.Client]:
-    with server.http() as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def stub(server: RewardServer) -> Iterator[scoring_pb2_grpc.RewardServiceStub]:
-    with grpc.insecure_channel(server.grpc_target) as channel:
-        yield scoring_pb2_grpc.RewardServiceStub(channel)
-
-
-def test_messages_and_their_rendered_text_score_alike_everywhere(repo: Path, http, stub) -> None:
+def test_messages_and_their_rendered_text_score_alike_everywhere(repo: Path, clients) -> None:
+    http, stub = clients
     tok = AutoTokenizer.from_pretrained(repo / "llama-rm" / "weights")
     rendered = tok.apply_chat_template(CHAT, tokenize=False)
     n_tokens = len(tok.apply_chat_template(CHAT, tokenize=True)["input_ids"])
@@ -69,7 +58,8 @@ def test_messages_and_their_rendered_text_score_alike_everywhere(repo: Path, htt
     assert r.json()["rewards"][0] == pytest.approx(rest["results"][0]["reward"], abs=1e-6)
 
 
-def test_a_refused_template_is_a_400_on_both_transports(http, stub) -> None:
+def test_a_refused_template_is_a_400_on_both_transports(clients) -> None:
+    http, stub = clients
     body = {"model": "llama-rm", "items": [{"messages": CHAT}, {"messages": OUT_OF_ORDER}]}
     r = http.post("/v1/score", json=body)
     assert r.status_code == 400, r.text
