@@ -105,13 +105,16 @@ class TextEncoder:
         ]
 
     def _assemble(self, ids: list[int], add_specials: bool) -> Encoded:
+        # The text's own leading/trailing specials are set aside like added ones, so
+        # truncation never cuts them.
         pre, suf = self.prefix, self.suffix
-        room = len(ids) >= len(pre) + len(suf)
-        has_pre = bool(pre) and room and ids[: len(pre)] == pre
-        has_suf = bool(suf) and room and ids[len(ids) - len(suf) :] == suf
-        body = ids[len(pre) if has_pre else 0 : len(ids) - len(suf) if has_suf else len(ids)]
-        pre = pre if has_pre or add_specials else []
-        suf = suf if has_suf or add_specials else []
+        start = len(pre) if pre and ids[: len(pre)] == pre else 0
+        end = len(ids)
+        if suf and end - start >= len(suf) and ids[end - len(suf) :] == suf:
+            end -= len(suf)
+        body = ids[start:end]
+        pre = pre if start or add_specials else []
+        suf = suf if end < len(ids) or add_specials else []
         budget = self.max_length - len(pre) - len(suf)
         cut = len(body) > budget
         if cut:
