@@ -181,7 +181,7 @@ def bench_transformers(folder: Path, repeats: int) -> list[str]:
         d: AutoModelForCausalLM.from_pretrained(folder, dtype=t).eval() for d, t in dtypes.items()
     }
 
-    def run(d: str) -> float:
+    def run(d: str, new_tokens: int = 64) -> float:
         torch.manual_seed(0)
         t0 = time.perf_counter()
         with torch.inference_mode():
@@ -190,8 +190,8 @@ def bench_transformers(folder: Path, repeats: int) -> list[str]:
                 do_sample=True,
                 temperature=1.0,
                 top_k=None,
-                max_new_tokens=64,
-                min_new_tokens=64,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
                 num_return_sequences=8,
                 pad_token_id=tok.pad_token_id or tok.eos_token_id,
             )
@@ -199,11 +199,12 @@ def bench_transformers(folder: Path, repeats: int) -> list[str]:
         return (out.shape[0] * (out.shape[1] - batch["input_ids"].shape[1])) / dt
 
     for d in DTYPES:
-        run(d)  # warm-up
+        run(d, new_tokens=4)  # warm-up
     tps: dict[str, list[float]] = {d: [] for d in DTYPES}
     for r in range(repeats):
         for d in DTYPES if r % 2 == 0 else DTYPES[::-1]:
             tps[d].append(run(d))
+            print(f"  transformers {d}: {tps[d][-1]:.1f} tokens/s", flush=True)
     return _tps_table(
         f"transformers policy {folder.name}: n=8 x 4 prompts x 64 tokens, median of {repeats}",
         tps,
