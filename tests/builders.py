@@ -39,6 +39,12 @@ def write_manifest(folder: Path, **fields: object) -> None:
     (folder / "model.yaml").write_text(yaml.safe_dump(fields, sort_keys=False))
 
 
+def write_rm_manifest(folder: Path, name: str, **fields: object) -> None:
+    """A reward model's manifest, its weights in the folder's weights/."""
+    source = {"kind": "repository", "path": "weights"}
+    write_manifest(folder, name=name, kind="reward", source=source, **fields)
+
+
 def build_tiny_rm(
     repo: Path,
     name: str = "tiny-rm",
@@ -59,14 +65,7 @@ def build_tiny_rm(
         cfg = json.loads((weights / "config.json").read_text())
         cfg["mean"], cfg["std"] = stats
         (weights / "config.json").write_text(json.dumps(cfg))
-    write_manifest(
-        folder,
-        name=name,
-        kind="reward",
-        source={"kind": "repository", "path": "weights"},
-        max_length=max_length,
-        default=default,
-    )
+    write_rm_manifest(folder, name, max_length=max_length, default=default)
     return folder
 
 
@@ -91,14 +90,103 @@ def build_tiny_openrlhf_rm(
     }
     (weights / "config.json").write_text(json.dumps(cfg))
     AutoTokenizer.from_pretrained(minilm_dir()).save_pretrained(weights)
-    write_manifest(
-        folder,
-        name=name,
-        kind="reward",
-        source={"kind": "repository", "path": "weights"},
-        head={"format": "openrlhf", "value_head_prefix": prefix},
-        max_length=64,
+    write_rm_manifest(
+        folder, name, head={"format": "openrlhf", "value_head_prefix": prefix}, max_length=64
     )
+    return folder
+
+
+# ---- a Llama-3-style decoder reward model ------------------------------------------------
+
+BOS, EOT = "<|begin_of_text|>", "<|eot_id|>"
+LLAMA3_SPECIALS = [BOS, "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", EOT]
+# Llama-3's template (the BOS written by the template, every turn closed by <|eot_id|>) with
+# the role check of the templates that refuse a conversation out of order.
+LLAMA3_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}"
+    "{%- else -%}{%- set system = none -%}{%- set turns = messages -%}{%- endif -%}"
+    "{{- bos_token -}}"
+    "{%- if system is not none -%}"
+    "{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' + system | trim + '<|eot_id|>' -}}"
+    "{%- endif -%}"
+    "{%- for message in turns -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{- raise_exception('Conversation roles must alternate user/assistant/user/assistant') -}}"
+    "{%- endif -%}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'"
+    " + message['content'] | trim + '<|eot_id|>' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}{%- endif -%}"
+)
+LLAMA3_CORPUS = [
+    "Hello! How can I help you today? The quick brown fox jumps over the lazy dog.",
+    "user assistant system: is the sky blue? Yes, it is blue because of Rayleigh scattering.",
+    "Tell me a story about a cat who sat on a mat, once upon a time, in a house by a river.",
+]
+
+
+def llama3_tokenizer():
+    """A byte-level BPE tokenizer with Llama-3's special tokens, BOS added by its
+    post-processor, no pad token, EOS = <|eot_id|> and the template above, as the real one."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=LLAMA3_SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(LLAMA3_CORPUS * 4, trainer)
+    bos = tok.token_to_id(BOS)
+    tok.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos)]
+            ),
+        ]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOT, chat_template=LLAMA3_TEMPLATE
+    )
+
+
+def build_tiny_llama_rm(
+    repo: Path, name: str = "tiny-llama", seed: int = 3, *, max_length: int = 64
+) -> Path:
+    """A LlamaForSequenceClassification RM (no pad token) with the tokenizer above, served
+    with its chat template."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(seed)
+    folder = repo / name
+    weights = folder / "weights"
+    tokenizer = llama3_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=None,
+        num_labels=1,
+    )
+    model = LlamaForSequenceClassification(config).eval()
+    with torch.no_grad():  # rewards far enough apart that a wrong position shows
+        model.score.weight.normal_(0.0, 1.0)
+    model.save_pretrained(weights)
+    tokenizer.save_pretrained(weights)
+    write_rm_manifest(folder, name, max_length=max_length, chat_template=True)
     return folder
 
 

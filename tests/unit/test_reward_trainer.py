@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertModel
 
 from rewardserve.engine.inputs import encode_texts
+from rewardserve.modeling import right_pad
 from rewardserve.training.reward.config import RewardTrainingConfig
 from rewardserve.training.reward.data import PairDataError, load_pairs, split_pairs
 from rewardserve.training.reward.trainer import (
@@ -24,7 +25,6 @@ from rewardserve.training.reward.trainer import (
     bucketed_batches,
     freeze_lower,
     linear_schedule,
-    pad_batch,
     train_reward_model,
 )
 
@@ -154,12 +154,6 @@ def test_bucketed_batches_cover_every_item_once_and_cut_padding() -> None:
     rng2 = random.Random(1)
     bucketed_batches(lengths, 16, 8, rng2)
     assert bucketed_batches(lengths, 16, 8, rng2) != batches
-
-
-def test_pad_batch_pads_on_the_right() -> None:
-    ids, mask = pad_batch([[5, 6, 7], [8]], pad_id=0)
-    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]]
-    assert mask.tolist() == [[1, 1, 1], [1, 0, 0]]
 
 
 def test_linear_schedule_warms_up_then_decays_without_a_zero_step() -> None:
@@ -318,7 +312,7 @@ def test_output_folder_is_a_loadable_reward_model(trained: dict[str, Any]) -> No
     rng.setstate(state)
     rejected = _conversation(rng, "here is a rude answer")
     encoded = encode_texts(tokenizer, [chosen, rejected], 64)
-    ids, mask = pad_batch([e.input_ids for e in encoded], tokenizer.pad_token_id)
+    ids, mask = right_pad([e.input_ids for e in encoded], tokenizer.pad_token_id)
     with torch.inference_mode():
         rewards = model(input_ids=ids, attention_mask=mask).logits[:, 0]
     assert rewards[0] > rewards[1]

@@ -19,7 +19,7 @@ import torch
 from rewardserve.config import Settings
 from rewardserve.engine.batcher import Batcher, BatchLimits
 from rewardserve.engine.inputs import Encoded, join_pair, render_hh
-from rewardserve.engine.scorer import RewardScorer
+from rewardserve.engine.scorer import ChatTemplateError, RewardScorer
 from rewardserve.registry.loader import load_reward_model
 from rewardserve.registry.manifest import ModelManifest
 from rewardserve.registry.repository import Entry, ModelRepository
@@ -222,13 +222,24 @@ class ScoringEngine:
 
     # ---- scoring ---------------------------------------------------------------------
 
-    def render(self, model: LoadedModel, item: ScoreItem) -> str:
-        """The text a reward model scores for an item: its template or HH text."""
+    def render(self, model: LoadedModel, item: ScoreItem, field: str = "messages") -> str:
+        """The text a reward model scores for an item: its template or HH text.
+
+        A chat template's text comes back as a TemplatedText, which the encoder tokenizes
+        without adding special tokens. A template that refuses the messages is a 400 on
+        `field`.
+        """
         if item.text is not None:
             return item.text
         if item.messages is not None:
             if model.scorer.chat_template:
-                return model.scorer.apply_chat_template([m.model_dump() for m in item.messages])
+                try:
+                    return model.scorer.apply_chat_template([m.model_dump() for m in item.messages])
+                except ChatTemplateError as e:
+                    raise InvalidArgument(
+                        f"the chat template of '{model.scorer.name}' refused these messages: {e}",
+                        field=field,
+                    ) from None
             return render_hh(item.messages)
         assert item.prompt is not None and item.response is not None
         return join_pair(item.prompt, item.response)
@@ -283,7 +294,7 @@ class ScoringEngine:
         if len(req.items) > self.settings.max_items_per_request:
             self._check_limits([""] * len(req.items), "items")
         model = self.resolve(req.model)
-        texts = [self.render(model, it) for it in req.items]
+        texts = [self.render(model, it, f"items.{i}.messages") for i, it in enumerate(req.items)]
         model, encoded, rewards = await self.score_texts(model.scorer.name, texts, timeout_s)
         norm = model.scorer.normalizer
         results = [

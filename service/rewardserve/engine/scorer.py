@@ -11,8 +11,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from jinja2 import TemplateError
 
-from rewardserve.engine.inputs import Encoded, TextEncoder
+from rewardserve.engine.inputs import Encoded, TemplatedText, TextEncoder
+from rewardserve.modeling import pad_token_id, right_pad, sequence_rewards
+
+
+class ChatTemplateError(ValueError):
+    """The model's chat template refused the messages (role order, a role it lacks)."""
 
 
 @dataclass
@@ -48,31 +54,21 @@ class RewardScorer:
         self.value_head = value_head
         self.chat_template = chat_template
         self._encoder = TextEncoder(tokenizer, max_length)
-        pad = tokenizer.pad_token_id
-        self.pad_id = int(pad if pad is not None else (tokenizer.eos_token_id or 0))
+        self.pad_id = pad_token_id(tokenizer)
 
     def encode(self, texts: Sequence[str]) -> list[Encoded]:
         return self._encoder(texts)
 
-    def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False)
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> TemplatedText:
+        """The messages through the tokenizer's template, to be encoded without adding
+        special tokens (the template writes them)."""
+        try:
+            return TemplatedText(self.tokenizer.apply_chat_template(messages, tokenize=False))
+        except TemplateError as e:  # the template's raise_exception(), or a broken template
+            raise ChatTemplateError(str(e)) from e
 
     @torch.inference_mode()
     def forward(self, batch: Sequence[Encoded]) -> list[float]:
         """Raw rewards of already-encoded items, in the order given: one padded forward."""
-        seqs = [e.input_ids for e in batch]
-        longest = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), longest), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), longest), dtype=torch.long)
-        for row, s in enumerate(seqs):
-            ids[row, : len(s)] = torch.tensor(s, dtype=torch.long)
-            mask[row, : len(s)] = 1
-        if self.head == "openrlhf":
-            hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
-            assert self.value_head is not None
-            values = self.value_head(hidden).squeeze(-1)
-            last = mask.sum(dim=1) - 1  # right padding: last real token
-            out = values.gather(1, last.unsqueeze(1)).squeeze(1)
-        else:
-            out = self.model(input_ids=ids, attention_mask=mask).logits[:, 0]
-        return out.float().tolist()
+        ids, mask = right_pad([e.input_ids for e in batch], self.pad_id)
+        return sequence_rewards(self.model, ids, mask, self.value_head).tolist()

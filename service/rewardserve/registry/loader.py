@@ -12,6 +12,7 @@ from safetensors import safe_open
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
 from rewardserve.engine.scorer import Normalizer, RewardScorer
+from rewardserve.modeling import ensure_pad_token
 from rewardserve.registry.dtypes import resolve_dtype
 from rewardserve.registry.manifest import ManifestError, ModelManifest, resolve_source
 
@@ -75,8 +76,11 @@ def _load(
     tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     tokenizer.truncation_side = manifest.truncation_side
     tokenizer.model_max_length = 10**9  # we truncate ourselves; silence the length warning
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    ensure_pad_token(tokenizer)
+    if manifest.chat_template and not tokenizer.chat_template:
+        raise ManifestError(
+            where, "chat_template", f"the tokenizer in {folder} has no chat template"
+        )
 
     dtype_name = resolve_dtype(manifest.dtype)
     dtype = torch.bfloat16 if dtype_name == "bfloat16" else torch.float32

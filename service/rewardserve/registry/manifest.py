@@ -130,9 +130,9 @@ class ModelManifest(_Strict):
     """Reward mean/std; when absent they are read from the weights' config.json (mean, std),
     as OpenRLHF and `rewardserve train-rm` write them, else 0 and 1."""
     dtype: Literal["auto", "float32", "bfloat16", "int8"] = "float32"
-    """auto: bfloat16 where the hardware computes it natively (a CUDA GPU, a CPU with
-    AVX512-BF16 or AMX), else float32. int8: torch dynamic quantization of the Linear layers
-    (CPU, reward models only)."""
+    """auto: bfloat16 where it is the faster precision (a CUDA GPU that supports it, a CPU with
+    AMX), else float32 (also on CPUs with AVX512-BF16 but no AMX, where bf16 measured slower).
+    int8: torch dynamic quantization of the Linear layers (CPU, reward models only)."""
     trust_remote_code: bool = False
     default: bool = False
     """Serve this model when a request names none (one reward model, one policy)."""

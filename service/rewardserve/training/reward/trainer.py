@@ -34,6 +34,7 @@ from torch.nn import functional as F
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from rewardserve.engine.inputs import Encoded, encode_texts
+from rewardserve.modeling import ensure_pad_token, pad_token_id, right_pad, sequence_rewards
 from rewardserve.training.reward.config import RewardTrainingConfig
 from rewardserve.training.reward.data import PreferencePair, load_pairs, split_pairs
 
@@ -78,20 +79,10 @@ def bucketed_batches(
     return batches
 
 
-def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask), padded on the right like the service's scorer does."""
-    longest = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), longest), dtype=torch.long)
-    for row, s in enumerate(seqs):
-        ids[row, : len(s)] = torch.tensor(list(s), dtype=torch.long)
-        mask[row, : len(s)] = 1
-    return ids, mask
-
-
 def _rewards(model: torch.nn.Module, seqs: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
-    ids, mask = pad_batch(seqs, pad_id)
-    return model(input_ids=ids, attention_mask=mask).logits[:, 0].float()
+    # The service's own padding and pooling (rewardserve.modeling): trained as it is served.
+    ids, mask = right_pad(seqs, pad_id)
+    return sequence_rewards(model, ids, mask)
 
 
 @torch.inference_mode()
@@ -241,12 +232,11 @@ def _load_backbone(cfg: RewardTrainingConfig) -> tuple[Any, torch.nn.Module, int
     saved_max_length = tokenizer.model_max_length
     tokenizer.truncation_side = "left"  # keep the end of the conversation: the replies
     tokenizer.model_max_length = 10**9  # encode_texts truncates; silence length warnings
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    ensure_pad_token(tokenizer)
     model = AutoModelForSequenceClassification.from_pretrained(
         cfg.base_model, num_labels=1, dtype=torch.float32
     )
-    # Decoder backbones find the last real token through pad_token_id.
+    # Saved with the model: transformers refuses a batch without a pad id.
     model.config.pad_token_id = tokenizer.pad_token_id
     if cfg.disable_dropout:
         for module in model.modules():
@@ -299,7 +289,7 @@ def train_reward_model(cfg: RewardTrainingConfig, progress: bool = True) -> dict
 
     with _torch_threads(cfg.torch_threads):
         tokenizer, model, saved_max_length = _load_backbone(cfg)
-        pad_id = int(tokenizer.pad_token_id)
+        pad_id = pad_token_id(tokenizer)
 
         train_c, train_r = _encode_pairs(tokenizer, train_pairs, cfg.max_length)
         eval_c, eval_r = _encode_pairs(tokenizer, eval_pairs, cfg.max_length)
