@@ -63,7 +63,7 @@ def test_bad_models_are_listed_failed_with_a_reason(http, stub) -> None:
     assert models["corrupt"]["status"] == "error"
     assert "SafetensorError" in models["corrupt"]["error"]
     assert models["missing"]["status"] == "error"
-    assert "weights not found" in models["missing"]["error"]
+    assert "weights are not built" in models["missing"]["error"]
     via_grpc = {m.id: m for m in stub.ListModels(pb.ListModelsRequest(), timeout=10).models}
     for name in ("corrupt", "missing"):
         assert (via_grpc[name].status, via_grpc[name].error) == ("error", models[name]["error"])

@@ -60,7 +60,7 @@ async def _score(
     return model.scorer.name, sum(len(e) for e in encoded), rewards
 
 
-@router.post("/classify", response_model=ClassifyResponse)
+@router.post("/classify", response_model=ClassifyResponse, responses=ERRORS)
 async def classify(body: ClassifyRequest, request: Request) -> ClassifyResponse:
     """vLLM classify: probs = [sigmoid(reward)] unless use_activation is false (then the raw
     reward), vLLM's default for a one-label classifier."""
@@ -81,7 +81,7 @@ def _encode(vector: list[float], encoding_format: str) -> list[float] | str:
     return vector
 
 
-@router.post("/v1/embeddings", response_model=EmbeddingResponse)
+@router.post("/v1/embeddings", response_model=EmbeddingResponse, responses=ERRORS)
 async def embeddings(body: EmbeddingRequest, request: Request) -> EmbeddingResponse:
     """OpenAI embeddings shape over a reward model: embedding = [raw reward] (SGLang's
     reward-model output, which verl's SGLang path reads as data[-1].embedding[-1])."""
