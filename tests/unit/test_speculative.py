@@ -10,14 +10,17 @@ characters and before spaced words, where decoding chunk by chunk goes wrong.
 
 from __future__ import annotations
 
+import os
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from policies import LiveScriptedPolicy, ScriptedPolicy
 from rewardserve.bon.speculative import Ended, SpeculativeRejection, candidate_seed
+from rewardserve.config import default_cache_dir
 from rewardserve.policy.base import Generation, Sampling
 
 # The first character is the candidate's quality; texts start distinct (ScriptedPolicy).
@@ -56,10 +59,22 @@ def metaspace_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>")
 
 
-@pytest.fixture(scope="module", params=["byte-level", "metaspace"])
+def default_policy_tokenizer() -> PreTrainedTokenizerFast:
+    """The default policy's own tokenizer (SmolLM2, byte-level BPE), where `make models`
+    built it."""
+    folder = Path(os.environ.get("REWARDSERVE_CACHE_DIR") or default_cache_dir())
+    folder /= "smollm2-135m-instruct"
+    if not (folder / "tokenizer.json").is_file():
+        pytest.skip(f"no default policy in {folder} (make models)")
+    return AutoTokenizer.from_pretrained(folder)
+
+
+@pytest.fixture(scope="module", params=["byte-level", "metaspace", "smollm2"])
 def case(request: pytest.FixtureRequest) -> tuple[PreTrainedTokenizerFast, list[list[str]]]:
     if request.param == "byte-level":
         return byte_level_tokenizer(), TEXTS
+    if request.param == "smollm2":
+        return default_policy_tokenizer(), TEXTS
     return metaspace_tokenizer(), SENTENCES
 
 
