@@ -563,11 +563,6 @@ def report(rows: list[dict], shapes: list[Shape], args: argparse.Namespace, load
         "Targets:",
         *targets(rows),
     ]
-    text = "\n".join(lines)
-    print(text)
-    out = ROOT / "bench-results"
-    out.mkdir(exist_ok=True)
-    (out / "bon.md").write_text(text + "\n")
     settings = {
         "machine": machine(),
         "load": load,
@@ -578,7 +573,7 @@ def report(rows: list[dict], shapes: list[Shape], args: argparse.Namespace, load
         "repeats": args.repeats,
         "quick": args.quick,
     }
-    (out / "bon.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2))
+    write_results("bon", lines, {"settings": settings, "rows": rows})
 
 
 # ---- speculative vs full: the step-cost curve and the wall clock ------------------------------
@@ -728,13 +723,18 @@ def spec_report(
         f"speculative / full: wall {spec['wall_s'] / full['wall_s']:.2f}x, generated tokens "
         f"{spec['generated_tokens'] / full['generated_tokens']:.2f}x",
     ]
+    data = {"machine": machine(), "load": load, "curve": curve, "walls": walls}
+    write_results("bon_speculative", lines, data)
+
+
+def write_results(name: str, lines: list[str], data: dict[str, Any]) -> None:
+    """Print the table and keep it, with the raw figures, in bench-results/."""
     text = "\n".join(lines)
     print(text)
     out = ROOT / "bench-results"
     out.mkdir(exist_ok=True)
-    (out / "bon_speculative.md").write_text(text + "\n")
-    data = {"machine": machine(), "load": load, "curve": curve, "walls": walls}
-    (out / "bon_speculative.json").write_text(json.dumps(data, indent=2))
+    (out / f"{name}.md").write_text(text + "\n")
+    (out / f"{name}.json").write_text(json.dumps(data, indent=2))
 
 
 # ---- main -------------------------------------------------------------------------------------

@@ -163,6 +163,9 @@ def test_grpc_gives_the_rest_result(bon_server: RewardServer) -> None:
         events = list(stub.BestOfNStream(grpc_request(return_all=True), timeout=300))
     (res,) = resp.results
     assert same_candidate(as_dict(res.chosen), rest["chosen"])
+    assert res.HasField("kl_bound") and res.kl_bound == pytest.approx(rest["kl_bound"])
+    soft = stub_call(bon_server, grpc_request(selection="soft"))
+    assert not soft.results[0].HasField("kl_bound") and "argmax" in soft.results[0].kl_bound_note
     assert len(res.candidates) == len(rest["candidates"])
     for got, want in zip(res.candidates, rest["candidates"], strict=True):
         assert same_candidate(as_dict(got), want)
@@ -177,6 +180,11 @@ def test_grpc_gives_the_rest_result(bon_server: RewardServer) -> None:
     ):
         assert same_candidate(got, want)
     assert same_candidate(as_dict(events[-1].result.results[0].chosen), rest["chosen"])
+
+
+def stub_call(server: RewardServer, request: bpb.BestOfNRequest) -> bpb.BestOfNResponse:
+    with grpc.insecure_channel(server.grpc_target) as ch:
+        return bon_pb2_grpc.BestOfNServiceStub(ch).BestOfN(request, timeout=300)
 
 
 def same_candidate(a: dict, b: dict) -> bool:
