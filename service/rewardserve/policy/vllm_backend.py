@@ -5,7 +5,8 @@ concurrent requests are batched by vLLM's own scheduler. Outputs stream in DELTA
 candidate is yielded the moment it finishes and Best-of-N can score it while the others are
 still generating. Speculative rejection uses `open_candidates` instead: one request per
 candidate, so the rejected ones can be aborted while the others run on. vLLM runs its
-engine in a separate process; this module only imports vLLM when a backend is built."""
+engine in a separate process; this module only imports vLLM when a backend is built.
+"""
 
 from __future__ import annotations
 
