@@ -20,6 +20,16 @@ starts (never two servers measuring on the same cores). Sampling is slow on CPU,
 --repeats defaults to 1; with more, the table reports medians. The scoring share is
 mean(timings.scoring_s / timings.generation_s) of the responses (for (a), scoring time over
 generation time, both measured directly). Results go to bench-results/bon.{md,json}.
+
+--speculative-vs-full: only the question "does speculative rejection save time here?":
+  (1) the decode step-cost curve, through vLLM in this process with the server's engine
+      settings: the time of one decode step with 1, 2, 4, 8, 16, 32 sequences running
+      (each sequence its own request, max_tokens forced by ignore_eos, median of --repeats);
+  (2) a vLLM server, full vs speculative Best-of-N at n=32 on the same --prompts-n32
+      prompts in one request, the same seeds, the two strategies alternating, --repeats
+      times; the wall-clock medians side by side.
+  Speculative can only gain where a step with fewer sequences is cheaper: the curve shows
+  where that is. Results go to bench-results/bon_speculative.{md,json}.
 """
 
 from __future__ import annotations
@@ -553,11 +563,6 @@ def report(rows: list[dict], shapes: list[Shape], args: argparse.Namespace, load
         "Targets:",
         *targets(rows),
     ]
-    text = "\n".join(lines)
-    print(text)
-    out = ROOT / "bench-results"
-    out.mkdir(exist_ok=True)
-    (out / "bon.md").write_text(text + "\n")
     settings = {
         "machine": machine(),
         "load": load,
@@ -568,7 +573,168 @@ def report(rows: list[dict], shapes: list[Shape], args: argparse.Namespace, load
         "repeats": args.repeats,
         "quick": args.quick,
     }
-    (out / "bon.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2))
+    write_results("bon", lines, {"settings": settings, "rows": rows})
+
+
+# ---- speculative vs full: the step-cost curve and the wall clock ------------------------------
+
+STEP_SEQUENCES = (1, 2, 4, 8, 16, 32)
+
+
+async def step_cost(engine: Any, prompt: list[int], sequences: int, steps: int) -> float:
+    """Seconds per decode step with `sequences` running: from the moment all of them have
+    their first token (prefills done) to the last one's end, over the steps between."""
+    import uuid
+
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    params = SamplingParams(
+        max_tokens=steps + 1, ignore_eos=True, seed=SEED, output_kind=RequestOutputKind.DELTA
+    )
+    first: list[float] = []
+
+    async def one(k: int) -> float:
+        seen = False
+        async for _ in engine.generate(
+            {"prompt_token_ids": prompt}, params, request_id=f"step-{k}-{uuid.uuid4().hex}"
+        ):
+            if not seen:
+                first.append(time.perf_counter())
+                seen = True
+        return time.perf_counter()
+
+    ends = await asyncio.gather(*(one(k) for k in range(sequences)))
+    return (max(ends) - max(first)) / steps
+
+
+def bench_step_curve(prompt: Messages, repeats: int, steps: int) -> list[dict]:
+    from rewardserve.policy.vllm_backend import VllmPolicy
+    from rewardserve.registry.dtypes import resolve_dtype
+
+    manifest = load_manifest(ROOT / "models" / POLICY)
+    dtype = resolve_dtype(manifest.dtype)
+    policy = VllmPolicy(POLICY, CACHE / POLICY, manifest.max_length, dtype, 1)
+    ids = list(
+        policy.tokenizer.apply_chat_template(
+            prompt, add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
+    )
+
+    async def measure() -> list[dict]:
+        await step_cost(policy.engine, ids, 2, 4)  # warm-up
+        rows = []
+        for k in STEP_SEQUENCES:
+            print(f"  step cost, {k} sequences ...", flush=True)
+            with OtherLoad() as other:
+                runs = [await step_cost(policy.engine, ids, k, steps) for _ in range(repeats)]
+            rows.append(
+                {"sequences": k, "step_s": statistics.median(runs), "runs_step_s": runs,
+                 "dtype": dtype, "other_cores": other.cores}
+            )  # fmt: skip
+        await policy.close()
+        return rows
+
+    return asyncio.run(measure())
+
+
+async def one_request(url: str, prompts: list[Messages], n: int, strategy: str) -> dict:
+    body = request_body(prompts[0], n, SEED, strategy, MAX_TOKENS)
+    del body["messages"]
+    body["prompts"] = [{"messages": m} for m in prompts]  # prompt i: seed derived from SEED, i
+    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        t0 = time.perf_counter()
+        resp = await post(session, url, body)
+        wall = time.perf_counter() - t0
+    results = resp["results"]
+    return {
+        "wall_s": wall,
+        "tok_s": resp["usage"]["generated_tokens"] / wall,
+        "generated_tokens": resp["usage"]["generated_tokens"],
+        "mean_normalized": statistics.mean(r["chosen"]["normalized_reward"] for r in results),
+        "generation_s": resp["timings"]["generation_s"],
+    }
+
+
+def bench_spec_vs_full(prompts: list[Messages], n: int, repeats: int) -> dict[str, dict]:
+    runs: dict[str, list[dict]] = {"full": [], "speculative": []}
+    server = RewardServer(
+        ROOT / "models",
+        cache_dir=CACHE,
+        torch_threads=THREADS,
+        startup_timeout_s=STARTUP_S,
+        extra_args=["--policy-backend", "vllm"],
+    )
+    with server:
+        url = server.url_for("/v1/best-of-n")
+        for strategy in runs:
+            asyncio.run(warm_up(url, prompts[0], strategy))
+        for r in range(repeats):
+            # alternate which goes first, so a drift in the machine's load hits both alike
+            order = ["full", "speculative"] if r % 2 == 0 else ["speculative", "full"]
+            for strategy in order:
+                print(f"  n={n}, {strategy}, run {r + 1}/{repeats} ...", flush=True)
+                with OtherLoad() as other:
+                    stats = asyncio.run(one_request(url, prompts, n, strategy))
+                runs[strategy].append(stats | {"other_cores": other.cores})
+    return {k: median_stats(v) | {"runs_wall_s": [r["wall_s"] for r in v]} for k, v in runs.items()}
+
+
+def spec_report(
+    curve: list[dict], walls: dict[str, dict], prompts: int, n: int, repeats: int, load: str
+) -> None:
+    one = curve[0]["step_s"] if curve else float("nan")
+    lines = [
+        f"Machine: {machine()}; {load}. Policy {POLICY} ({curve[0]['dtype'] if curve else '?'}),"
+        f" reward model {REWARD_MODEL}; max_tokens {MAX_TOKENS}, temperature {TEMPERATURE}, "
+        f"seed {SEED}; medians of {repeats} run(s).",
+        "",
+        "Decode step cost through vLLM (each sequence its own request, all running):",
+        "",
+        "| sequences | ms per step | vs 1 sequence | ms per sequence-step | other CPU (cores) |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for row in curve:
+        k, t = row["sequences"], row["step_s"]
+        lines.append(
+            f"| {k} | {1000 * t:.1f} | {t / one:.2f}x | {1000 * t / k:.2f} | "
+            f"{row['other_cores']:.2f} |"
+        )
+    full, spec = walls["full"], walls["speculative"]
+    lines += [
+        "",
+        f"Best-of-{n}, {prompts} prompts in one request, same seeds, strategies alternating "
+        f"(speculative: rejection_rate {SPECULATIVE['rejection_rate']}, chunk_tokens "
+        f"{SPECULATIVE['chunk_tokens']}):",
+        "",
+        "| strategy | wall s (median) | runs | generated tokens | mean chosen normalized "
+        "| other CPU (cores) |",
+        "|---|---:|---|---:|---:|---:|",
+    ]
+    for name, row in (("full", full), ("speculative", spec)):
+        runs = ", ".join(f"{w:.1f}" for w in row["runs_wall_s"])
+        lines.append(
+            f"| {name} | {row['wall_s']:.1f} | {runs} | {row['generated_tokens']:.0f} | "
+            f"{row['mean_normalized']:.3f} | {row['other_cores']:.2f} |"
+        )
+    lines += [
+        "",
+        f"speculative / full: wall {spec['wall_s'] / full['wall_s']:.2f}x, generated tokens "
+        f"{spec['generated_tokens'] / full['generated_tokens']:.2f}x",
+    ]
+    data = {"machine": machine(), "load": load, "curve": curve, "walls": walls}
+    write_results("bon_speculative", lines, data)
+
+
+def write_results(name: str, lines: list[str], data: dict[str, Any]) -> None:
+    """Print the table and keep it, with the raw figures, in bench-results/."""
+    text = "\n".join(lines)
+    print(text)
+    out = ROOT / "bench-results"
+    out.mkdir(exist_ok=True)
+    (out / f"{name}.md").write_text(text + "\n")
+    (out / f"{name}.json").write_text(json.dumps(data, indent=2))
 
 
 # ---- main -------------------------------------------------------------------------------------
@@ -584,7 +750,21 @@ def main() -> None:
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--skip-vllm", action="store_true")
     ap.add_argument("--quick", action="store_true", help="2 prompts, n=8 only")
+    ap.add_argument(
+        "--speculative-vs-full",
+        action="store_true",
+        help="only the step-cost curve and speculative vs full wall clock at n=32 (vLLM)",
+    )
     args = ap.parse_args()
+    if args.speculative_vs_full:
+        prompts = load_prompts(args.prompts_n32)
+        load_before = os.getloadavg()[0]
+        print("decode step cost through vLLM ...", flush=True)
+        curve = bench_step_curve(prompts[0], args.repeats, MAX_TOKENS)
+        print("full vs speculative, vLLM server ...", flush=True)
+        walls = bench_spec_vs_full(prompts, 32, args.repeats)
+        spec_report(curve, walls, len(prompts), 32, args.repeats, load_note(load_before))
+        return
     if args.quick:
         args.prompts, args.prompts_n32 = 2, 0
     torch.set_num_threads(THREADS)  # what the servers get (--torch-threads)

@@ -3,6 +3,8 @@ policy backends (vLLM and transformers) with the same tests, over REST and gRPC.
 
 from __future__ import annotations
 
+import math
+
 import grpc
 import httpx
 import pytest
@@ -66,6 +68,7 @@ def test_result_is_ranked_scored_and_accounted(bon_server: RewardServer) -> None
     )
     t = body["timings"]
     assert 0 < t["generation_s"] <= t["total_s"] and t["scoring_s"] >= 0
+    assert res["kl_bound"] == pytest.approx(math.log(4) - 3 / 4) and res["kl_bound_note"] is None
     # each reward is what /v1/score gives the same conversation
     items = [{"messages": [*MSGS, {"role": "assistant", "content": c["text"]}]} for c in cands]
     scores = httpx.post(bon_server.url_for("/v1/score"), json={"items": items}).json()["results"]
@@ -106,8 +109,11 @@ def test_speculative_rejection_stops_the_worst_early(bon_server: RewardServer) -
     assert rejected and finished
     assert all(c["tokens"] < 32 for c in rejected)
     assert body["results"][0]["chosen"]["finish_reason"] != "rejected"
-    assert body["usage"]["generated_tokens"] == sum(c["tokens"] for c in cands) < 8 * 32
+    # at least the tokens shown: on vLLM rejected candidates run on until their abort lands
+    assert sum(c["tokens"] for c in cands) <= body["usage"]["generated_tokens"] < 8 * 32
     assert cands[: len(finished)] == finished  # finished first, then rejected
+    # the KL bound is for argmax over n full samples, which this is not
+    assert body["results"][0]["kl_bound"] is None and body["results"][0]["kl_bound_note"]
 
 
 def test_policy_limits_are_4xx_naming_the_field(bon_server: RewardServer) -> None:
@@ -157,6 +163,9 @@ def test_grpc_gives_the_rest_result(bon_server: RewardServer) -> None:
         events = list(stub.BestOfNStream(grpc_request(return_all=True), timeout=300))
     (res,) = resp.results
     assert same_candidate(as_dict(res.chosen), rest["chosen"])
+    assert res.HasField("kl_bound") and res.kl_bound == pytest.approx(rest["kl_bound"])
+    soft = stub_call(bon_server, grpc_request(selection="soft"))
+    assert not soft.results[0].HasField("kl_bound") and "argmax" in soft.results[0].kl_bound_note
     assert len(res.candidates) == len(rest["candidates"])
     for got, want in zip(res.candidates, rest["candidates"], strict=True):
         assert same_candidate(as_dict(got), want)
@@ -171,6 +180,11 @@ def test_grpc_gives_the_rest_result(bon_server: RewardServer) -> None:
     ):
         assert same_candidate(got, want)
     assert same_candidate(as_dict(events[-1].result.results[0].chosen), rest["chosen"])
+
+
+def stub_call(server: RewardServer, request: bpb.BestOfNRequest) -> bpb.BestOfNResponse:
+    with grpc.insecure_channel(server.grpc_target) as ch:
+        return bon_pb2_grpc.BestOfNServiceStub(ch).BestOfN(request, timeout=300)
 
 
 def same_candidate(a: dict, b: dict) -> bool:

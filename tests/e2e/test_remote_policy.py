@@ -16,6 +16,8 @@ import pytest
 import yaml
 
 from default_models import CACHE, HAVE_VLLM, ROOT, STARTUP_S
+from rewardserve.policy.base import Sampling
+from rewardserve.policy.openai_backend import OpenAIPolicy
 from rewardserve.registry.dtypes import resolve_dtype
 from servers import RewardServer, free_port
 
@@ -102,6 +104,37 @@ def test_best_of_n_on_a_remote_policy(server: RewardServer) -> None:
     # Reproducibility is the remote's to give: it gets the seed, but vLLM on CPU diverged
     # between two identical requests here while other engines shared the cores.
     assert b.status_code == 200 and len(b.json()["results"][0]["candidates"]) == 3
+
+
+async def test_the_remote_returns_the_token_ids_it_sampled(remote) -> None:
+    """The openai backend asks for the generated ids (vLLM's `return_token_ids`) instead of
+    re-tokenizing the text, so a candidate continued from them is the one sampled."""
+    base_url, _ = remote
+    policy = OpenAIPolicy("smol-remote", POLICY_DIR, 2048, base_url, "smol-remote")
+    try:
+        prompt = policy.tokenizer.apply_chat_template(
+            MSGS, add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
+        body = {"model": "smol-remote", "prompt": list(prompt), "max_tokens": 12, "seed": 5}
+        raw = await policy._post("/completions", body | {"return_token_ids": True})
+        assert all(len(c["token_ids"]) == 12 for c in raw["choices"])  # the server gives them
+        gens = [g async for g in policy.generate([list(prompt)], 3, Sampling(max_tokens=12))]
+    finally:
+        await policy.close()
+    for g in gens:
+        assert g.text == policy.tokenizer.decode(g.token_ids, skip_special_tokens=True)
+        if g.finish_reason == "length":
+            assert len(g.token_ids) == 12
+
+
+def test_speculative_rejection_on_a_remote_policy(server: RewardServer) -> None:
+    """Driven in rounds: each round continues every candidate from its exact ids."""
+    r = bon(server, strategy="speculative", n=4, max_tokens=12, chunk_tokens=4)
+    assert r.status_code == 200, r.text
+    (res,) = r.json()["results"]
+    assert len(res["candidates"]) == 4 and res["chosen"]["finish_reason"] != "rejected"
+    assert any(c["finish_reason"] == "rejected" for c in res["candidates"])
+    assert res["kl_bound"] is None
 
 
 def test_remote_refusal_is_a_400(server: RewardServer) -> None:

@@ -195,7 +195,7 @@ async def test_response_ranks_candidates_and_reports_usage(setup, rewards) -> No
     )
     assert res.chosen == res.candidates[0]
     assert all(c.reward == pytest.approx(rewards[c.text], abs=1e-5) for c in res.candidates)
-    assert res.kl_bound == pytest.approx(kl_bound(8))
+    assert res.kl_bound == pytest.approx(kl_bound(8)) and res.kl_bound_note is None
     assert resp.usage.generated_tokens == sum(c.tokens for c in res.candidates)
     assert resp.usage.prompt_tokens == len(PROMPT)  # counted once, not n times
     top = await bon.run(BestOfNRequest(prompt=PROMPT, n=8, seed=3, top_k=2))
@@ -278,21 +278,15 @@ def test_survivors_keep_at_least_one() -> None:
     assert survivors(1, 0.9) == 1
 
 
-class _Event:
-    def __init__(self, gen, finish: str) -> None:
-        self.gen, self.finish = gen, finish
-        self.candidate = type("C", (), {"reward": float(gen.text[0]) + len(gen.text) / 1000})()
-
-
 async def run_speculative(policy: GrowingPolicy, n: int, max_tokens: int, chunk: int, alpha: float):
-    async def score(gen, finish):
-        return _Event(gen, finish)
+    async def score(gen) -> float:
+        return float(gen.text[0]) + len(gen.text) / 1000
 
     prompt = [ord(c) for c in "p"]
     spec = SpeculativeRejection(
         policy, [prompt], n, Sampling(max_tokens=max_tokens, seed=7), alpha, chunk, score
     )
-    events = [e async for e in spec.run()]
+    events = [e.generation async for e in spec.run()]
     return spec, events
 
 
@@ -300,13 +294,13 @@ async def test_speculative_rejection_keeps_the_best_and_saves_tokens() -> None:
     policy = GrowingPolicy(prompt_len=1)
     spec, events = await run_speculative(policy, n=16, max_tokens=40, chunk=10, alpha=0.5)
     assert len(events) == 16  # every candidate ends exactly once
-    finished = [e for e in events if e.finish != "rejected"]
-    rejected = [e for e in events if e.finish == "rejected"]
+    finished = [e for e in events if e.finish_reason != "rejected"]
+    rejected = [e for e in events if e.finish_reason == "rejected"]
     assert len(finished) == 2 and len(rejected) == 14  # 16 -> 8 -> 4 -> 2, then max_tokens
-    assert all(len(e.gen.text) == 40 for e in finished)
+    assert all(len(e.text) == 40 for e in finished)
     # partial reward predicts final reward here, so the survivors are the best digits drawn
-    digits = sorted((e.gen.text[0] for e in events), reverse=True)
-    assert sorted((e.gen.text[0] for e in finished), reverse=True) == digits[:2]
+    digits = sorted((e.text[0] for e in events), reverse=True)
+    assert sorted((e.text[0] for e in finished), reverse=True) == digits[:2]
     assert spec.generated_tokens == 10 * (16 + 8 + 4 + 2) < 16 * 40
     assert spec.generated_tokens == policy.generated
 
@@ -315,9 +309,42 @@ async def test_speculative_rejection_never_rejects_a_finished_candidate() -> Non
     policy = GrowingPolicy(prompt_len=1, early_stop="0123")  # low digits stop after chunk 1
     _, events = await run_speculative(policy, n=16, max_tokens=30, chunk=10, alpha=0.75)
     for e in events:
-        if e.gen.text[0] in "0123":
-            assert e.finish == "stop" and len(e.gen.text) == 10
-    assert any(e.finish == "rejected" for e in events)
+        if e.text[0] in "0123":
+            assert e.finish_reason == "stop" and len(e.text) == 10
+    assert any(e.finish_reason == "rejected" for e in events)
+
+
+async def test_kl_bound_is_reported_for_argmax_over_full_samples_only(setup) -> None:
+    bon = service(setup, CategoricalPolicy(OUTPUTS, PROBS))
+    full = await bon.run(BestOfNRequest(prompt=PROMPT, n=4, seed=1))
+    assert full.results[0].kl_bound == pytest.approx(kl_bound(4))
+    soft = await bon.run(BestOfNRequest(prompt=PROMPT, n=4, seed=1, selection="soft"))
+    assert soft.results[0].kl_bound is None and "argmax" in soft.results[0].kl_bound_note
+    spec = service(setup, GrowingPolicy(prompt_len=len(PROMPT)))
+    resp = await spec.run(
+        BestOfNRequest(prompt=PROMPT, n=4, seed=1, strategy="speculative", chunk_tokens=2)
+    )
+    assert resp.results[0].kl_bound is None and "speculative" in resp.results[0].kl_bound_note
+
+
+async def test_speculative_rejected_candidates_keep_their_partial_reward(setup) -> None:
+    """Scored once, on the partial text they were judged on: the reward /v1/rerank gives
+    that text."""
+    bon = service(setup, GrowingPolicy(prompt_len=len(PROMPT)))
+    req = BestOfNRequest(
+        prompt=PROMPT, n=8, seed=2, max_tokens=12, strategy="speculative", chunk_tokens=4,
+        return_all=True,
+    )  # fmt: skip
+    resp = await bon.run(req)
+    cands = resp.results[0].candidates
+    rejected = [c for c in cands if c.finish_reason == "rejected"]
+    assert rejected and resp.results[0].chosen.finish_reason != "rejected"
+    direct = await bon.rerank(RerankRequest(prompt=PROMPT, candidates=[c.text for c in cands]))
+    by_text = {r.text: r.reward for r in direct.results}
+    for c in cands:
+        assert c.reward == pytest.approx(by_text[c.text], abs=1e-5)
+        assert c.tokens == len(c.text)  # one character per token here
+    assert resp.usage.generated_tokens >= sum(c.tokens for c in cands)
 
 
 async def test_rerank_past_its_deadline_is_deadline_exceeded(setup) -> None:

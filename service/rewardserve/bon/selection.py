@@ -16,6 +16,17 @@ def kl_bound(n: int) -> float:
     return math.log(n) - (n - 1) / n
 
 
+def reported_kl_bound(n: int, selection: str, strategy: str) -> tuple[float | None, str | None]:
+    """(kl_bound, why it is absent): the bound is proved for argmax over n full samples only.
+    Soft selection picks below the maximum, and speculative rejection chooses among
+    survivors of partial-text rounds, so neither is Best-of-n in the bound's sense."""
+    if strategy == "speculative":
+        return None, "speculative rejection: not argmax over n full samples, so no bound"
+    if selection != "argmax":
+        return None, "soft selection: the bound holds for argmax selection only"
+    return kl_bound(n), None
+
+
 def argmax(rewards: Sequence[float]) -> int:
     """Index of the highest reward; the earliest among ties (sample order, so reproducible)."""
     return max(range(len(rewards)), key=lambda i: (rewards[i], -i))

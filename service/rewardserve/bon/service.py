@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from rewardserve import metrics
-from rewardserve.bon.selection import kl_bound, select
+from rewardserve.bon.selection import reported_kl_bound, select
 from rewardserve.bon.speculative import SpeculativeRejection
 from rewardserve.config import Settings
 from rewardserve.engine.engine import LoadedModel, ScoringEngine
@@ -206,17 +206,22 @@ class BestOfN:
         inputs = req.inputs()
         sampling = Sampling(req.temperature, req.top_p, req.max_tokens, req.seed, tuple(req.stop))
 
-        async def score(gen: Generation, finish: str) -> ScoredCandidate:
-            reward, norm = await self._reward(model, inputs[gen.prompt_index], gen.text, deadline)
+        def scored_candidate(gen: Generation, reward: float) -> ScoredCandidate:
             cand = Candidate(
                 index=gen.index,
                 text=gen.text,
                 reward=reward,
-                normalized_reward=norm,
+                normalized_reward=model.scorer.normalizer(reward),
                 tokens=len(gen.token_ids),
-                finish_reason=finish,  # type: ignore[arg-type]
+                finish_reason=gen.finish_reason,  # type: ignore[arg-type]
             )
             return ScoredCandidate(gen.prompt_index, cand)
+
+        async def reward_of(gen: Generation) -> float:
+            return (await self._reward(model, inputs[gen.prompt_index], gen.text, deadline))[0]
+
+        async def score(gen: Generation) -> ScoredCandidate:
+            return scored_candidate(gen, await reward_of(gen))
 
         scored: list[ScoredCandidate] = []
 
@@ -227,10 +232,11 @@ class BestOfN:
         generated_tokens = 0
         if req.strategy == "speculative":
             spec = SpeculativeRejection(
-                policy, prompts, req.n, sampling, req.rejection_rate, req.chunk_tokens, score
+                policy, prompts, req.n, sampling, req.rejection_rate, req.chunk_tokens, reward_of
             )
-            async for event in spec.run():
-                done(event)
+            async for ended in spec.run():
+                # a rejected candidate keeps the reward its partial text got: scored once
+                done(scored_candidate(ended.generation, ended.reward))
             generated_tokens, generation_end = spec.generated_tokens, spec.generation_end
         else:
             pending: set[asyncio.Task[ScoredCandidate]] = set()
@@ -238,7 +244,7 @@ class BestOfN:
                 async with contextlib.aclosing(policy.generate(prompts, req.n, sampling)) as gens:
                     async for gen in gens:
                         generated_tokens += len(gen.token_ids)
-                        pending.add(asyncio.create_task(score(gen, gen.finish_reason)))
+                        pending.add(asyncio.create_task(score(gen)))
                         for task in [t for t in pending if t.done()]:
                             pending.discard(task)
                             done(task.result())
@@ -285,6 +291,7 @@ class BestOfN:
         timings: BonTimings,
     ) -> BestOfNResponse:
         results = []
+        bound, bound_note = reported_kl_bound(req.n, req.selection, req.strategy)
         for p in range(len(inputs)):
             cands = sorted(
                 (e.candidate for e in scored if e.prompt_index == p), key=lambda c: c.index
@@ -306,7 +313,8 @@ class BestOfN:
                     chosen=eligible[pick],
                     candidates=ranked if req.return_all else ranked[: req.top_k],
                     n=req.n,
-                    kl_bound=kl_bound(req.n),
+                    kl_bound=bound,
+                    kl_bound_note=bound_note,
                 )
             )
         prompt_tokens = sum(len(ids) for ids in prompts)

@@ -7,9 +7,11 @@ template by the caller), so every backend sees exactly the same input.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+import hashlib
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 
 @dataclass(frozen=True)
@@ -55,12 +57,56 @@ class PolicyBackend(Protocol):
     async def close(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class TokenDelta:
+    """New tokens of one live candidate (see LiveCandidates)."""
+
+    candidate: int
+    """Its position in the list given to `open_candidates`."""
+    token_ids: list[int]
+    finish_reason: str | None = None
+    """Set on its last delta: 'stop' or 'length'."""
+
+
+class CandidateStream(Protocol):
+    """Candidates generating in the engine, one request each, streamed token by token."""
+
+    def __aiter__(self) -> AsyncIterator[TokenDelta]:
+        """Deltas of every candidate as the engine makes them; ends when none runs. Deltas a
+        candidate made before its abort reached the engine may still arrive after it."""
+        ...
+
+    async def abort(self, candidates: Iterable[int]) -> None:
+        """Stop these candidates in the engine; the others run on."""
+        ...
+
+
+@runtime_checkable
+class LiveCandidates(Protocol):
+    """Optional capability of a backend: candidates kept alive in the engine, so speculative
+    rejection stops the rejected ones and lets the survivors run on without a new prefill.
+    Backends without it are driven in rounds through `generate` (bon.speculative)."""
+
+    def open_candidates(
+        self, prompts: Sequence[list[int]], samplings: Sequence[Sampling]
+    ) -> AbstractAsyncContextManager[CandidateStream]:
+        """One engine request per candidate: candidate k continues prompts[k], sampled with
+        samplings[k] (n=1). Leaving the context aborts every candidate still running."""
+        ...
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """Text up to the first stop string (excluded, as vLLM and OpenAI do); whether one hit."""
+    hits = [i for s in stop if (i := text.find(s)) >= 0]
+    return (text[: min(hits)], True) if hits else (text, False)
+
+
 def derive_seed(seed: int | None, *parts: int) -> int | None:
     """A distinct, reproducible seed for a sub-request (one prompt of a batch, one round of
-    speculative rejection); None stays None (unseeded)."""
+    speculative rejection); None stays None (unseeded). Hashed, not stepped: vLLM seeds the
+    i-th of n samples with seed + i, so seeds of neighbouring prompts must lie far apart, or
+    prompt p + 1 would draw the random numbers of prompt p's samples, shifted by one."""
     if seed is None:
         return None
-    value = seed & 0xFFFFFFFF
-    for p in parts:
-        value = (value * 1_000_003 + p + 1) & 0x7FFFFFFF
-    return value
+    digest = hashlib.blake2b(repr((seed, *parts)).encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "big") & 0x7FFFFFFF

@@ -21,17 +21,11 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 
-from rewardserve.policy.base import Generation, Sampling
+from rewardserve.policy.base import Generation, Sampling, cut_at_stop
 from rewardserve.registry.loader import LOAD_LOCK
 from rewardserve.schemas.errors import Overloaded, Unavailable
 
 log = logging.getLogger(__name__)
-
-
-def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
-    """Text up to the first stop string (excluded, as vLLM and OpenAI do); whether one hit."""
-    hits = [i for s in stop if (i := text.find(s)) >= 0]
-    return (text[: min(hits)], True) if hits else (text, False)
 
 
 class StopWhenSet(StoppingCriteria):
@@ -145,17 +139,18 @@ class TransformersPolicy:
             tokenizer=tok if sampling.stop else None,
             stopping_criteria=StoppingCriteriaList([StopWhenSet(stop or threading.Event())]),
         )
-        eos = tok.eos_token_id
+        ends = {tok.eos_token_id, tok.pad_token_id}
         results = []
         for row, seq in enumerate(out[:, width:].tolist()):
             token_ids, finished = seq, False
-            if eos in seq:
-                token_ids, finished = seq[: seq.index(eos)], True
-            # a sequence that ended early is padded after its eos; pad == eos here
+            # a sequence that ended early (end of sequence, stop string) is padded after it
+            if cut := [i for i, t in enumerate(seq) if t in ends][:1]:
+                token_ids, finished = seq[: cut[0]], True
+            # The ids stay as generated, up to the token that completed a stop string (where
+            # generate stopped), as vLLM reports them: re-tokenizing the cut text could give
+            # other ids, and speculative rejection continues a candidate from its ids.
             decoded = tok.decode(token_ids, skip_special_tokens=True)
             text, stopped = cut_at_stop(decoded, sampling.stop)
-            if stopped:
-                token_ids = tok(text, add_special_tokens=False)["input_ids"]
             reason = "stop" if finished or stopped else "length"
             for copy in range(n // draws):
                 index = row % draws + copy

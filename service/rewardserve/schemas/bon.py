@@ -101,8 +101,11 @@ class PromptResult(BaseModel):
     candidates: list[Candidate]
     """Best first: top_k of them, or all with return_all."""
     n: int
-    kl_bound: float
-    """log n - (n - 1)/n: bound on KL(Best-of-n || policy) for argmax selection."""
+    kl_bound: float | None
+    """log n - (n - 1)/n: bound on KL(Best-of-n || policy). It holds for argmax over n full
+    samples only: null for soft selection and speculative rejection (kl_bound_note says why)."""
+    kl_bound_note: str | None = None
+    """Why kl_bound is null; absent when it is given."""
 
 
 class BonUsage(BaseModel):
