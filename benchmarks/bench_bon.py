@@ -63,8 +63,8 @@ from bench_scoring import tree_cpu_s  # noqa: E402  (benchmarks/ is this script'
 
 from rewardserve.config import default_cache_dir  # noqa: E402
 from rewardserve.engine.inputs import render_hh  # noqa: E402
+from rewardserve.engine.loader import load_reward_model  # noqa: E402
 from rewardserve.engine.scorer import RewardScorer  # noqa: E402
-from rewardserve.registry.loader import load_reward_model  # noqa: E402
 from rewardserve.registry.manifest import load_manifest  # noqa: E402
 from rewardserve.schemas.scoring import ChatMessage  # noqa: E402
 from servers import RewardServer  # noqa: E402

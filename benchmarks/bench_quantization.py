@@ -21,7 +21,7 @@ import torch
 import yaml
 
 from rewardserve.config import default_cache_dir
-from rewardserve.registry.loader import load_reward_model
+from rewardserve.engine.loader import load_reward_model
 from rewardserve.registry.manifest import load_manifest
 from rewardserve.training.reward.data import load_pairs, split_pairs
 

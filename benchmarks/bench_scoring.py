@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # RewardServer: the test suite's server
 
 from rewardserve.config import Settings, default_cache_dir  # noqa: E402
 from rewardserve.engine.batcher import plan_microbatches  # noqa: E402
-from rewardserve.registry.loader import load_reward_model  # noqa: E402
+from rewardserve.engine.loader import load_reward_model  # noqa: E402
 from rewardserve.registry.manifest import load_manifest  # noqa: E402
 from rewardserve.v1 import scoring_pb2 as pb  # noqa: E402
 from rewardserve.v1 import scoring_pb2_grpc as pb_grpc  # noqa: E402

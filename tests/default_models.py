@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import tempfile
 from pathlib import Path
+
+import yaml
 
 from rewardserve.config import default_cache_dir
 from servers import RewardServer
@@ -15,11 +19,33 @@ STARTUP_S = 300.0  # a vLLM engine start on 2 busy cores
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
 
 
-def default_models_server(backend: str) -> RewardServer:
-    return RewardServer(
-        ROOT / "models",
+POLICY = "smollm2-135m-instruct"
+
+
+def float32_policy_repository() -> tempfile.TemporaryDirectory:
+    """A copy of models/ whose default policy pins float32. `dtype: auto` is bf16 on CPUs
+    with AMX, where vLLM's samples for a seed moved between two identical requests (its bf16
+    numerics depend on what shares a step); tests that assert same seed, same candidates
+    need the float32 engine, which was reproducible."""
+    tmp = tempfile.TemporaryDirectory(prefix="rewardserve-models-")
+    repo = Path(tmp.name) / "models"
+    shutil.copytree(ROOT / "models", repo)
+    manifest = repo / POLICY / "model.yaml"
+    raw = yaml.safe_load(manifest.read_text())
+    manifest.write_text(yaml.safe_dump(raw | {"dtype": "float32"}, sort_keys=False))
+    return tmp
+
+
+def default_models_server(backend: str, *, reproducible: bool = False) -> RewardServer:
+    """The default models as `make serve` serves them; `reproducible`: the policy in float32
+    whatever the CPU (see float32_policy_repository)."""
+    repo_dir = float32_policy_repository() if reproducible else None
+    server = RewardServer(
+        Path(repo_dir.name) / "models" if repo_dir else ROOT / "models",
         cache_dir=CACHE,
         torch_threads=2,
         startup_timeout_s=STARTUP_S,
         extra_args=["--policy-backend", backend],
     )
+    server.repository_copy = repo_dir  # type: ignore[attr-defined]  # lives as long as the server
+    return server

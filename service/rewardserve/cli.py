@@ -5,9 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import typer
 from pydantic_settings import CliApp
+
+if TYPE_CHECKING:
+    from rewardserve.config import Settings
 
 app = typer.Typer(help="Reward-model service for RLHF.", no_args_is_help=True)
 PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
@@ -119,7 +123,7 @@ def bon(
     from pydantic import ValidationError
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-    from rewardserve.bon.offline import InputError, best_of_n_file, read_prompts
+    from rewardserve.bon.offline import InputError, read_prompts
     from rewardserve.config import Settings
     from rewardserve.schemas.bon import BestOfNRequest
 
@@ -151,8 +155,23 @@ def bon(
         def advance(k: int) -> None:
             progress.advance(task, k)
 
-        summary = asyncio.run(best_of_n_file(settings, items, out, request, batch_size, advance))
+        work = best_of_n_file_in_process(settings, items, out, request, batch_size, advance)
+        summary = asyncio.run(work)
     typer.echo(json.dumps(summary | {"out": str(out)}, indent=2))
+
+
+async def best_of_n_file_in_process(settings: Settings, *args: Any) -> dict[str, float]:
+    """`rewardserve bon`: the whole service in this process (no transports) for one file.
+    Assembled here, beside the CLI, because bon/ sits below the Runtime that holds it."""
+    from rewardserve.bon.offline import best_of_n_file
+    from rewardserve.runtime import Runtime
+
+    runtime = Runtime(settings)
+    await runtime.start()
+    try:
+        return await best_of_n_file(runtime.bon, *args)
+    finally:
+        await runtime.close()
 
 
 @app.command()

@@ -6,7 +6,7 @@ import asyncio
 
 from rewardserve.bon.service import BestOfN
 from rewardserve.config import Settings
-from rewardserve.engine.engine import ScoringEngine
+from rewardserve.engine.scoring import ScoringEngine
 from rewardserve.policy.manager import PolicyManager
 from rewardserve.registry.repository import ModelRepository
 from rewardserve.schemas.models import ModelInfo

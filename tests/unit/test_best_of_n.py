@@ -23,7 +23,7 @@ from rewardserve.bon.selection import kl_bound, soft_weights
 from rewardserve.bon.service import BestOfN
 from rewardserve.bon.speculative import SpeculativeRejection, survivors
 from rewardserve.config import Settings
-from rewardserve.engine.engine import ScoringEngine
+from rewardserve.engine.scoring import ScoringEngine
 from rewardserve.policy.base import Sampling
 from rewardserve.policy.manager import PolicyManager
 from rewardserve.schemas.bon import BestOfNRequest, RerankRequest

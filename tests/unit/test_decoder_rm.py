@@ -14,10 +14,10 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from builders import BOS, EOT, build_tiny_llama_rm, build_tiny_rm
 from rewardserve.config import Settings
-from rewardserve.engine.engine import ScoringEngine
 from rewardserve.engine.inputs import Encoded, TemplatedText, TextEncoder
+from rewardserve.engine.loader import load_reward_model
 from rewardserve.engine.scorer import RewardScorer
-from rewardserve.registry.loader import load_reward_model
+from rewardserve.engine.scoring import ScoringEngine
 from rewardserve.registry.manifest import ManifestError, load_manifest
 from rewardserve.schemas.errors import InvalidArgument
 from rewardserve.schemas.scoring import ScoreRequest

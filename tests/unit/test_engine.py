@@ -24,7 +24,7 @@ from builders import (
 )
 from rewardserve.config import Settings
 from rewardserve.engine.batcher import plan_microbatches
-from rewardserve.engine.engine import ScoringEngine
+from rewardserve.engine.scoring import ScoringEngine
 from rewardserve.schemas.errors import InvalidArgument, NotFound, Unavailable
 from rewardserve.schemas.scoring import ScoreRequest
 from servers import sharpen_weights

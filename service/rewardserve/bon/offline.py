@@ -11,14 +11,15 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from rewardserve.config import Settings
-from rewardserve.runtime import Runtime
 from rewardserve.schemas.bon import BestOfNRequest, PromptInput
 from rewardserve.schemas.errors import field_path
+
+if TYPE_CHECKING:  # the service itself comes from the caller (rewardserve.cli)
+    from rewardserve.bon.service import BestOfN
 
 
 class InputError(ValueError):
@@ -52,7 +53,7 @@ def read_prompts(path: Path) -> list[tuple[dict[str, Any], PromptInput]]:
 
 
 async def best_of_n_file(
-    settings: Settings,
+    bon: BestOfN,
     prompts: list[tuple[dict[str, Any], PromptInput]],
     out_path: Path,
     request: dict[str, Any],
@@ -60,40 +61,36 @@ async def best_of_n_file(
     on_batch: Callable[[int], None] = lambda n: None,
 ) -> dict[str, float]:
     """Run `request` (BestOfNRequest fields without prompts) over every prompt, `batch_size`
-    prompts per call. Returns summary statistics."""
-    runtime = Runtime(settings)
-    await runtime.start()
+    prompts per call, on a started service (the CLI builds and closes it). Returns summary
+    statistics."""
     chosen_rewards: list[float] = []
     tokens = 0
-    try:
-        with out_path.open("w") as out:
-            for start in range(0, len(prompts), batch_size):
-                batch = prompts[start : start + batch_size]
-                fields = dict(request) | {"return_all": True}  # every score goes in the file
-                if fields.get("seed") is not None:
-                    fields["seed"] = fields["seed"] + start  # each batch its own draws
-                req = BestOfNRequest.model_validate(
-                    fields | {"prompts": [p.model_dump(exclude_none=True) for _, p in batch]}
-                )
-                resp = await runtime.bon.run(req)
-                tokens += resp.usage.generated_tokens
-                for (raw, _), res in zip(batch, resp.results, strict=True):
-                    by_index = sorted(res.candidates, key=lambda c: c.index)
-                    record = raw | {
-                        "chosen": res.chosen.text,
-                        "reward": res.chosen.reward,
-                        "normalized_reward": res.chosen.normalized_reward,
-                        "scores": [c.reward for c in by_index],
-                        "candidates": [c.text for c in by_index],
-                        "policy": resp.policy,
-                        "reward_model": resp.reward_model,
-                    }
-                    out.write(json.dumps(record) + "\n")
-                    chosen_rewards.append(res.chosen.reward)
-                out.flush()
-                on_batch(len(batch))
-    finally:
-        await runtime.close()
+    with out_path.open("w") as out:
+        for start in range(0, len(prompts), batch_size):
+            batch = prompts[start : start + batch_size]
+            fields = dict(request) | {"return_all": True}  # every score goes in the file
+            if fields.get("seed") is not None:
+                fields["seed"] = fields["seed"] + start  # each batch its own draws
+            req = BestOfNRequest.model_validate(
+                fields | {"prompts": [p.model_dump(exclude_none=True) for _, p in batch]}
+            )
+            resp = await bon.run(req)
+            tokens += resp.usage.generated_tokens
+            for (raw, _), res in zip(batch, resp.results, strict=True):
+                by_index = sorted(res.candidates, key=lambda c: c.index)
+                record = raw | {
+                    "chosen": res.chosen.text,
+                    "reward": res.chosen.reward,
+                    "normalized_reward": res.chosen.normalized_reward,
+                    "scores": [c.reward for c in by_index],
+                    "candidates": [c.text for c in by_index],
+                    "policy": resp.policy,
+                    "reward_model": resp.reward_model,
+                }
+                out.write(json.dumps(record) + "\n")
+                chosen_rewards.append(res.chosen.reward)
+            out.flush()
+            on_batch(len(batch))
     return {
         "prompts": len(chosen_rewards),
         "mean_chosen_reward": sum(chosen_rewards) / len(chosen_rewards),

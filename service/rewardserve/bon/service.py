@@ -26,7 +26,7 @@ from rewardserve import metrics
 from rewardserve.bon.selection import reported_kl_bound, select
 from rewardserve.bon.speculative import SpeculativeRejection
 from rewardserve.config import Settings
-from rewardserve.engine.engine import LoadedModel, ScoringEngine
+from rewardserve.engine.scoring import LoadedModel, ScoringEngine
 from rewardserve.policy.base import Generation, PolicyBackend, Sampling
 from rewardserve.policy.manager import PolicyManager
 from rewardserve.schemas.bon import (

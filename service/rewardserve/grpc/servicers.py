@@ -63,13 +63,13 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
 class RewardServicer(pb_grpc.RewardServiceServicer):
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
-        self.engine = runtime.scoring
+        self.scoring = runtime.scoring
 
     async def _score(
         self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext
     ) -> pb.ScoreResponse:
         req = convert.score_request(request)
-        return convert.score_response(await self.engine.score(req, _timeout(context)))
+        return convert.score_response(await self.scoring.score(req, _timeout(context)))
 
     async def Score(
         self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext

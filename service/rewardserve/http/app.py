@@ -19,21 +19,21 @@ from rewardserve.runtime import Runtime
 def build_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     """The REST app. Without a runtime, the lifespan builds and starts one from settings;
     with one (shared with gRPC), its owner starts and closes it."""
-    owns_engine = runtime is None
-    eng = runtime or Runtime(settings)
+    owns_runtime = runtime is None
+    shared = runtime or Runtime(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if owns_engine:
-            await eng.start()
+        if owns_runtime:
+            await shared.start()
         try:
             yield
         finally:
-            if owns_engine:
-                await eng.close()
+            if owns_runtime:
+                await shared.close()
 
     app = FastAPI(title="rewardserve", version=__version__, lifespan=lifespan)
-    app.state.runtime = eng
+    app.state.runtime = shared
     install_error_handlers(app)
     for module in (health, scoring, bon, models, compat):
         app.include_router(module.router)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import Request
 
-from rewardserve.engine.engine import ScoringEngine
+from rewardserve.engine.scoring import ScoringEngine
 from rewardserve.runtime import Runtime
 from rewardserve.schemas.errors import InvalidArgument
 
@@ -15,7 +15,7 @@ def runtime(request: Request) -> Runtime:
     return request.app.state.runtime
 
 
-def engine(request: Request) -> ScoringEngine:
+def scoring(request: Request) -> ScoringEngine:
     return runtime(request).scoring
 
 

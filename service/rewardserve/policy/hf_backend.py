@@ -21,8 +21,9 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 
+from rewardserve.loading import LOAD_LOCK
+from rewardserve.modeling import ensure_pad_token
 from rewardserve.policy.base import Generation, Sampling, cut_at_stop
-from rewardserve.registry.loader import LOAD_LOCK
 from rewardserve.schemas.errors import Overloaded, Unavailable
 
 log = logging.getLogger(__name__)
@@ -52,13 +53,12 @@ class TransformersPolicy:
         # AMX this backend's generate ran 1.5-1.7x faster in bf16 than in float32, side by side
         # (benchmarks/bench_dtype.py --transformers); without AMX bf16 is slower.
         weights = torch.bfloat16 if dtype == "bfloat16" else torch.float32
-        with LOAD_LOCK:  # see registry.loader
+        with LOAD_LOCK:  # see rewardserve.loading
             self.tokenizer: Any = AutoTokenizer.from_pretrained(folder)
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=weights)
         self.model = model.eval()
         self.tokenizer.padding_side = "left"
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        ensure_pad_token(self.tokenizer)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"generate-{name}")
         self._outstanding = 0  # calls running or waiting for the generate thread
         self._lock = threading.Lock()

@@ -18,8 +18,8 @@ from typing import Any
 import httpx
 from transformers import AutoTokenizer
 
+from rewardserve.loading import LOAD_LOCK
 from rewardserve.policy.base import Generation, Sampling, derive_seed
-from rewardserve.registry.loader import LOAD_LOCK
 from rewardserve.schemas.errors import InvalidArgument, Unavailable
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ class OpenAIPolicy:
     ) -> None:
         self.name = name
         self.max_model_len = max_model_len
-        with LOAD_LOCK:  # see registry.loader
+        with LOAD_LOCK:  # see rewardserve.loading
             self.tokenizer: Any = AutoTokenizer.from_pretrained(tokenizer_folder)
         self.remote_model = remote_model
         self.max_retries = max_retries

@@ -23,6 +23,7 @@ from typing import Any
 import psutil
 from transformers import AutoTokenizer
 
+from rewardserve.loading import LOAD_LOCK
 from rewardserve.policy.base import (
     CandidateStream,
     Generation,
@@ -30,7 +31,6 @@ from rewardserve.policy.base import (
     TokenDelta,
     derive_seed,
 )
-from rewardserve.registry.loader import LOAD_LOCK
 from rewardserve.schemas.errors import InvalidArgument, Unavailable
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ class VllmPolicy:
         self.name = name
         self.max_model_len = max_model_len
         self._failure: str | None = None
-        with LOAD_LOCK:  # see registry.loader
+        with LOAD_LOCK:  # see rewardserve.loading
             self.tokenizer: Any = AutoTokenizer.from_pretrained(folder)
         args = AsyncEngineArgs(
             model=str(folder),

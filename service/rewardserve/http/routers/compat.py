@@ -17,7 +17,7 @@ import uuid
 from fastapi import APIRouter, Depends, Request
 
 from rewardserve.http.auth import require
-from rewardserve.http.deps import engine, timeout_s
+from rewardserve.http.deps import scoring, timeout_s
 from rewardserve.http.disconnect import cancel_on_disconnect
 from rewardserve.http.errors import SCORING_ERRORS, documented
 from rewardserve.schemas.compat import (
@@ -46,7 +46,7 @@ async def get_reward(body: OpenRLHFRequest, request: Request) -> OpenRLHFRespons
         raise InvalidArgument(
             f"{len(body.prompts)} prompts for {len(body.query)} queries", field="prompts"
         )
-    work = engine(request).score_texts(None, body.query, timeout_s(request), field_of="query")
+    work = scoring(request).score_texts(None, body.query, timeout_s(request), field_of="query")
     _, _, rewards = await cancel_on_disconnect(request, work)
     return OpenRLHFResponse(rewards=rewards, scores=rewards, extra_logs={})
 
@@ -55,7 +55,9 @@ async def _score(
     request: Request, body: ClassifyRequest | EmbeddingRequest
 ) -> tuple[str, int, list[float]]:
     """(model name, prompt tokens, raw rewards) of a pooling-style request's texts."""
-    work = engine(request).score_texts(body.model, body.texts, timeout_s(request), field_of="input")
+    work = scoring(request).score_texts(
+        body.model, body.texts, timeout_s(request), field_of="input"
+    )
     model, encoded, rewards = await cancel_on_disconnect(request, work)
     return model.scorer.name, sum(len(e) for e in encoded), rewards
 

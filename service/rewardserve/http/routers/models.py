@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 
 from rewardserve.http.auth import require
-from rewardserve.http.deps import engine, runtime
+from rewardserve.http.deps import runtime, scoring
 from rewardserve.http.errors import BODY_ERRORS, documented
 from rewardserve.schemas.models import LoadRequest, ModelInfo, ModelList
 
@@ -30,7 +30,7 @@ async def list_models(request: Request) -> ModelList:
 )
 async def load(body: LoadRequest, request: Request) -> ModelInfo:
     """Load a model from the repository (rescanned first, so new folders are found)."""
-    return await engine(request).load(body.model)
+    return await scoring(request).load(body.model)
 
 
 @router.post(
@@ -41,4 +41,4 @@ async def load(body: LoadRequest, request: Request) -> ModelInfo:
 )
 async def unload(body: LoadRequest, request: Request) -> ModelInfo:
     """Unload a model; requests still queued for it fail with 503."""
-    return await engine(request).unload(body.model)
+    return await scoring(request).unload(body.model)

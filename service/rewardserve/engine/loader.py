@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 from pathlib import Path
 
 import torch
@@ -12,17 +11,12 @@ from safetensors import safe_open
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
 from rewardserve.engine.scorer import Normalizer, RewardScorer
+from rewardserve.loading import LOAD_LOCK
 from rewardserve.modeling import ensure_pad_token
 from rewardserve.registry.dtypes import resolve_dtype
 from rewardserve.registry.manifest import ManifestError, ModelManifest, resolve_source
 
 log = logging.getLogger(__name__)
-
-# transformers' from_pretrained leans on process-wide state (weight-init contexts, default
-# dtype): two loads at once in different threads corrupted each other here (a policy loaded
-# beside the reward model came up with uninitialised weights and wrote gibberish). Every
-# model load in the process takes this lock.
-LOAD_LOCK = threading.Lock()
 
 
 def _read_config(folder: Path) -> dict:

@@ -19,8 +19,8 @@ import torch
 from rewardserve.config import Settings
 from rewardserve.engine.batcher import Batcher, BatchLimits
 from rewardserve.engine.inputs import Encoded, join_pair, render_hh
+from rewardserve.engine.loader import load_reward_model
 from rewardserve.engine.scorer import ChatTemplateError, RewardScorer
-from rewardserve.registry.loader import load_reward_model
 from rewardserve.registry.manifest import ModelManifest
 from rewardserve.registry.repository import Entry, ModelRepository
 from rewardserve.schemas.errors import InvalidArgument, NotFound, ServiceError, Unavailable
