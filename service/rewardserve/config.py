@@ -104,6 +104,10 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(60.0, gt=0)
     """Deadline for a score request when the client sets none; expired items are dropped."""
 
+    heap_trim_interval_s: float = Field(5.0, ge=0)
+    """Every this many seconds, give freed heap memory back to the OS (glibc malloc_trim);
+    without it RSS grows under a steady scoring load (see rewardserve/heap.py). 0: never."""
+
     shutdown_grace_s: float = Field(20.0, ge=0)
     """On SIGTERM/SIGINT: how long in-flight requests may run on after admission stops (the
     REST listener closes, gRPC refuses new calls); then they are cancelled and the process

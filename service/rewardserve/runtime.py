@@ -7,6 +7,7 @@ import asyncio
 from rewardserve.bon.service import BestOfN
 from rewardserve.config import Settings
 from rewardserve.engine.scoring import ScoringEngine
+from rewardserve.heap import HeapTrimmer
 from rewardserve.policy.manager import PolicyManager
 from rewardserve.registry.repository import ModelRepository
 from rewardserve.schemas.models import ModelInfo
@@ -19,11 +20,14 @@ class Runtime:
         self.scoring = ScoringEngine(settings, self.repository)
         self.policies = PolicyManager(settings, self.repository)
         self.bon = BestOfN(settings, self.scoring, self.policies)
+        self.heap = HeapTrimmer(settings.heap_trim_interval_s)
 
     async def start(self) -> None:
+        self.heap.start()
         await asyncio.gather(self.scoring.start(), self.policies.start())
 
     async def close(self) -> None:
+        await self.heap.close()
         await self.policies.close()
         await self.scoring.close()
 
