@@ -143,6 +143,20 @@ def test_best_of_n_equals_rest(client, http) -> None:
     assert one.reward_model == "rm-b" and len(one.results) == 1
 
 
+def test_service_reward_scores_what_best_of_n_scored(server, client) -> None:
+    """The trainer's ServiceReward gives each candidate the reward Best-of-N gave it."""
+    from rewardserve.schemas.bon import PromptInput
+    from rewardserve.training.ppo.remote_rewards import ServiceReward
+
+    result = client.best_of_n(PROMPT, n=6, max_tokens=8, seed=3, return_all=True).results[0]
+    texts = [cand.text for cand in result.candidates]
+    with ServiceReward(server.grpc_target, api_key=SCORE_KEY) as source:
+        got = source.score([PromptInput(prompt=PROMPT)] * len(texts), texts)
+        assert source.model == "rm-a"
+    # float noise only: Best-of-N scores candidates in batches of its own making
+    assert got == pytest.approx([cand.reward for cand in result.candidates], rel=1e-5)
+
+
 def test_list_models_equals_rest(client, http) -> None:
     got = [m.model_dump() for m in client.list_models()]
     want = http.get("/v1/models").json()["data"]

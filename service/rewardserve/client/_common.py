@@ -6,7 +6,8 @@ import random
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeAlias
+from types import TracebackType
+from typing import Any, Self, TypeAlias
 
 import grpc
 from google.protobuf import json_format
@@ -28,6 +29,24 @@ PromptLike: TypeAlias = PromptInput | Mapping[str, Any] | str
 MessagesLike: TypeAlias = Sequence[ChatMessage | Mapping[str, Any]]
 
 DEFAULT_TIMEOUT_S = 60.0
+
+
+class Closing:
+    """A context manager that calls close() on exit."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
 
 
 def channel_target(target: str) -> tuple[str, bool]:

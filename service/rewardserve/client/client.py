@@ -56,7 +56,7 @@ class _Base:
         return time.monotonic() + (self.timeout if timeout is None else timeout)
 
 
-class RewardClient(_Base):
+class RewardClient(_Base, c.Closing):
     """Blocking client. Every method takes its own `timeout` (seconds, retries included);
     without one the client's default applies.
 
@@ -123,17 +123,6 @@ class RewardClient(_Base):
 
     def close(self) -> None:
         self.channel.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 class AsyncRewardClient(_Base):

@@ -1,0 +1,1 @@
+"""PPO: the RLHF policy-optimisation loop, rewarded online by the service's own scorer."""
