@@ -5,6 +5,7 @@ minimal real gRPC server that refuses on cue)."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import shutil
 import threading
 import time
@@ -113,6 +114,28 @@ async def test_async_score_equals_rest(server, http) -> None:
         assert [r.reward for r in m.results] == pytest.approx([r.reward for r in got.results])
 
 
+async def test_async_client_has_the_same_methods_and_errors(server, client) -> None:
+    candidates = ["Sure, here it is.", "No."]
+    async with AsyncRewardClient(f"grpc://{server.grpc_target}", api_key=SCORE_KEY) as ac:
+        assert await ac.rerank(candidates, prompt=PROMPT) == client.rerank(
+            candidates, prompt=PROMPT
+        )
+        assert await ac.list_models() == client.list_models()
+        bon = await ac.best_of_n(PROMPT, n=2, max_tokens=3, seed=5, return_all=True)
+        same = client.best_of_n(PROMPT, n=2, max_tokens=3, seed=5, return_all=True)
+        assert same_results(bon.model_dump(), same.model_dump())
+        with pytest.raises(NotFound) as info:
+            await ac.score(["x"], model="no-such-model")
+        assert info.value.field == "model"
+        with pytest.raises(InvalidArgument) as info:
+            await ac.score([{"prompt": "p"}])
+        assert info.value.field == "items.0"
+        with pytest.raises(DeadlineExceeded):
+            await ac.best_of_n(PROMPT, n=4, max_tokens=4000, timeout=1.5)
+    with pytest.raises(ValueError, match="grpcs://"):
+        RewardClient("http://localhost:50051")
+
+
 def test_rerank_equals_rest(client, http) -> None:
     candidates = ["Sure, here it is.", "No.", "I would rather not say."]
     got = client.rerank(candidates, prompt=PROMPT, model="rm-b", top_k=2)
@@ -128,15 +151,29 @@ def test_rerank_equals_rest(client, http) -> None:
     assert got.model_dump() == want
 
 
+def same_results(a: dict, b: dict) -> bool:
+    """Two Best-of-N responses agree: everything but timings equal, rewards up to float noise
+    (candidates are scored as they finish, beside whichever neighbours share their batch)."""
+
+    def split(x: dict) -> tuple[dict, list[float]]:
+        kept = copy.deepcopy({k: v for k, v in x.items() if k != "timings"})
+        rewards = []
+        for r in kept["results"]:
+            for cand in [r["chosen"], *r["candidates"]]:
+                rewards += [cand.pop("reward"), cand.pop("normalized_reward")]
+        return kept, rewards
+
+    (kept_a, rewards_a), (kept_b, rewards_b) = split(a), split(b)
+    return kept_a == kept_b and rewards_a == pytest.approx(rewards_b, rel=1e-5)
+
+
 def test_best_of_n_equals_rest(client, http) -> None:
     fields = {"n": 4, "max_tokens": 6, "seed": 7, "return_all": True}
     # (the tiny policy has no chat template, so its prompts are text)
     prompts = [PROMPT, {"prompt": "\n\nHuman: bye\n\nAssistant:"}]
     got = client.best_of_n(prompts, **fields).model_dump()
     want = rest(http, "/v1/best-of-n", {"prompts": [{"prompt": PROMPT}, prompts[1]], **fields})
-    for body in (got, want):
-        del body["timings"]
-    assert got == want
+    assert same_results(got, want)
     assert got["policy"] == "tiny-policy" and len(got["results"][0]["candidates"]) == 4
     # single-prompt form and an explicit reward model
     one = client.best_of_n(PROMPT, reward_model="rm-b", n=2, max_tokens=2, seed=1)
