@@ -56,3 +56,22 @@ async def test_over_the_queue_bound_is_refused_at_once(policy: TransformersPolic
     assert len(await asyncio.wait_for(waiting, timeout=60)) == 4
     await asyncio.gather(running, return_exceptions=True)
     assert len(await drain(policy, SHORT)) == 4  # and it serves again
+
+
+def test_messages_for_a_policy_without_a_chat_template_are_refused_naming_the_field(
+    policy: TransformersPolicy,
+) -> None:
+    """The MiniLM tokenizer has no chat template: Best-of-N must say so (400 on the field),
+    not fail inside transformers (a 500 on REST, UNKNOWN on gRPC)."""
+    from rewardserve.bon.service import policy_prompt_ids
+    from rewardserve.schemas.bon import PromptInput
+    from rewardserve.schemas.errors import InvalidArgument
+
+    item = PromptInput.model_validate({"messages": [{"role": "user", "content": "hi"}]})
+    with pytest.raises(InvalidArgument) as info:
+        policy_prompt_ids(policy, item, "prompts.3.messages")
+    assert info.value.field == "prompts.3.messages"
+    assert "chat template" in info.value.message
+    assert (
+        policy_prompt_ids(policy, PromptInput(prompt="hi")) == policy.tokenizer("hi")["input_ids"]
+    )

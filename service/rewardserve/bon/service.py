@@ -22,6 +22,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+from jinja2 import TemplateError
+
 from rewardserve import metrics
 from rewardserve.bon.selection import reported_kl_bound, select
 from rewardserve.bon.speculative import SpeculativeRejection
@@ -69,13 +71,24 @@ class ScoredCandidate:
     candidate: Candidate
 
 
-def policy_prompt_ids(policy: PolicyBackend, item: PromptInput) -> list[int]:
+def policy_prompt_ids(
+    policy: PolicyBackend, item: PromptInput, field: str = "messages"
+) -> list[int]:
     """Token ids the policy continues: chat messages through its chat template (with the
-    assistant turn opened), raw prompts as they are."""
+    assistant turn opened), raw prompts as they are. Messages the policy's template cannot
+    render (or a policy without one) are a 400 on `field`, not a 500."""
     tok = policy.tokenizer
     if item.messages is not None:
         msgs = [m.model_dump() for m in item.messages]
-        ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        try:
+            ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        except (ValueError, TemplateError) as e:  # no template, or one that refuses these
+            name = getattr(policy, "name", "the policy")
+            raise InvalidArgument(
+                f"the chat template of policy '{name}' cannot render these messages ({e}); "
+                "a policy without a chat template takes a plain 'prompt'",
+                field=field,
+            ) from None
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
     return list(tok(item.prompt)["input_ids"])
 
@@ -164,7 +177,12 @@ class BestOfN:
         policy = self.policies.resolve(req.policy)
         model = self.scoring.resolve(req.reward_model)
         inputs = req.inputs()
-        prompts = [policy_prompt_ids(policy, it) for it in inputs]
+        fields = (
+            [f"prompts.{i}.messages" for i in range(len(inputs))]
+            if req.prompts is not None
+            else ["messages"]
+        )
+        prompts = [policy_prompt_ids(policy, it, f) for it, f in zip(inputs, fields, strict=True)]
         self._check(req, policy, prompts)
         self._admit()
         self.running += 1
