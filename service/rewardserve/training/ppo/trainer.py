@@ -345,8 +345,9 @@ class PPOTrainer:
         return step
 
     # ---- the run -------------------------------------------------------------------------
-    def train(self, resume: bool = False) -> dict[str, Any]:
-        """Run to total_steps (from the newest checkpoint when `resume`); the last step's
+    def train(self, resume: bool = False, stop_at: int | None = None) -> dict[str, Any]:
+        """Run to total_steps (from the newest checkpoint when `resume`), or stop after step
+        `stop_at` (an interruption: the schedule still runs to total_steps); the last step's
         metrics."""
         c = self.config
         resumed = self.resume() if resume else None
@@ -357,7 +358,7 @@ class PPOTrainer:
 
         try:
             with StepProgress(c.total_steps, self.step, enabled=self.show_progress) as bar:
-                while self.step < c.total_steps:
+                while self.step < min(c.total_steps, stop_at or c.total_steps):
                     self.last_metrics = self.train_step()
                     metrics.write(self.last_metrics)
                     bar.update(self.last_metrics)
