@@ -95,6 +95,9 @@ def ppo(
     reward = build_reward(cfg, service, api_key)
     try:
         result = run_ppo(cfg, reward, output_dir=output, resume=resume, progress=True)
+    except ConfigError as e:  # --resume with a config that is not the checkpointed run's
+        typer.echo(f"rewardserve ppo: {config}: {e}", err=True)
+        raise typer.Exit(2) from None
     finally:
         reward.close()
     typer.echo(f"exported policy: {result['export_name']}")

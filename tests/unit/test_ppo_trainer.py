@@ -15,7 +15,7 @@ from ppo_models import PROMPTS, build_ppo_repository
 from rewardserve.config import Settings
 from rewardserve.registry.repository import ModelRepository
 from rewardserve.schemas.bon import PromptInput
-from rewardserve.training.ppo.config import PPOConfig, validate_config
+from rewardserve.training.ppo.config import ConfigError, PPOConfig, validate_config
 from rewardserve.training.ppo.metrics import read_metrics
 from rewardserve.training.ppo.rewards import InProcessReward
 from rewardserve.training.ppo.run import run_ppo
@@ -173,6 +173,10 @@ def test_resume_from_checkpoint_continues_exactly(repo: Path, rm: Any, tmp_path:
         for k, v in x.items():
             if not k.startswith("time/"):
                 assert y[k] == pytest.approx(v, rel=1e-6, abs=1e-6), k
+    # a different objective is another run, not a continuation
+    with pytest.raises(ConfigError) as e:
+        PPOTrainer(config(repo, b, **(fields | {"kl_coef": 0.5})), rm).train(resume=True)
+    assert e.value.field == "kl_coef"
 
 
 def test_export_is_a_policy_of_the_repository(repo: Path, rm: Any, tmp_path: Path) -> None:
@@ -200,3 +204,15 @@ def test_export_is_a_policy_of_the_repository(repo: Path, rm: Any, tmp_path: Pat
     initial = AutoModelForCausalLM.from_pretrained(repo / "tiny-chat" / "weights")
     w = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(lm.state_dict()[w], initial.state_dict()[w])
+
+
+def test_tensorboard_events_beside_the_metrics(repo: Path, rm: Any, tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    PPOTrainer(config(repo, tmp_path, report_to="tensorboard"), rm).train()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    kl = events.Scalars("objective/kl")
+    assert [e.step for e in kl] == [1, 2]
+    lines = read_metrics(tmp_path / "metrics.jsonl")
+    assert kl[1].value == pytest.approx(lines[1]["objective/kl"], abs=1e-6)

@@ -27,7 +27,7 @@ from rewardserve.training.ppo.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from rewardserve.training.ppo.config import PPOConfig
+from rewardserve.training.ppo.config import ConfigError, PPOConfig
 from rewardserve.training.ppo.data import PromptOrder
 from rewardserve.training.ppo.metrics import MetricsLog
 from rewardserve.training.ppo.model import (
@@ -50,6 +50,18 @@ def pick_device(kind: str) -> torch.device:
     if kind == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(kind)
+
+
+# Fields a resumed run may change: where it writes and how it reports, not what it computes.
+RESUMABLE_CHANGES = frozenset(
+    {"output_dir", "export_name", "report_to", "checkpoint_every", "keep_checkpoints",
+     "eval_max_prompts", "torch_threads"}
+)  # fmt: skip
+
+
+def changed_fields(saved: dict[str, Any], config: PPOConfig) -> list[str]:
+    now = config.model_dump(mode="json")
+    return sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
 
 
 def step_seed(seed: int, step: int, salt: int = 0) -> int:
@@ -313,6 +325,7 @@ class PPOTrainer:
             "reward_moments": self.moments.state_dict(),
             "data": self.order.state_dict(),
             "last_metrics": self.last_metrics,
+            "config": self.config.model_dump(mode="json"),
         }
 
     def save(self) -> Path:
@@ -331,6 +344,13 @@ class PPOTrainer:
             return None
         step, folder = found[-1]
         model, state = load_checkpoint(folder)
+        changed = changed_fields(state["config"], self.config)
+        if changed:  # the run would not continue, it would become another run
+            raise ConfigError(
+                changed[0],
+                f"differs from the run checkpointed in {folder} "
+                f"(changed: {', '.join(changed)}); resume with the config it was started with",
+            )
         self.policy.load_state_dict(model)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -351,6 +371,8 @@ class PPOTrainer:
         metrics."""
         c = self.config
         resumed = self.resume() if resume else None
+        if resume and resumed is None:
+            log.warning("no checkpoint in %s: starting from step 0", self.output_dir)
         metrics = MetricsLog(
             self.output_dir, resume_step=resumed, tensorboard=c.report_to == "tensorboard"
         )
