@@ -85,7 +85,7 @@ def ppo(
     from rewardserve.training.ppo.config import ConfigError, load_config, parse_overrides
 
     try:  # the whole config, models and prompts included, before any model loads
-        cfg = load_config(config, parse_overrides(set_))
+        cfg = load_config(config, parse_overrides(set_), remote_reward=service is not None)
     except ConfigError as e:
         typer.echo(f"rewardserve ppo: {config}: {e}", err=True)
         raise typer.Exit(2) from None

@@ -99,3 +99,12 @@ def test_overrides_are_yaml_values() -> None:
         "total_steps": 5, "whiten_advantages": False, "policy": "x"}  # fmt: skip
     with pytest.raises(ConfigError):
         parse_overrides(["total_steps"])
+
+
+def test_remote_reward_model_is_not_looked_up_locally(repo: Path, tmp_path: Path) -> None:
+    path = write(tmp_path / "c.yaml", **(base(repo) | {"reward_model": "served-elsewhere"}))
+    assert load_config(path, remote_reward=True).reward_model == "served-elsewhere"
+    with_url = {"reward_url": "http://rm:5000/get_reward"}
+    assert load_config(path, with_url).reward_model == "served-elsewhere"
+    with pytest.raises(ConfigError, match="reward_model"):
+        load_config(path)

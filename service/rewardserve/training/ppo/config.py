@@ -94,6 +94,10 @@ class PPOConfig(BaseModel):
     """Policy to train, by repository name or alias (None: the repository's default policy).
     The frozen reference is a copy of its initial weights."""
 
+    reward_url: str | None = Field(None, pattern=r"^https?://")
+    """An OpenRLHF-shaped /get_reward URL to take rewards from (instead of a reward model of
+    the repository)."""
+
     reward_model: str | None = Field(None, validate_default=True)
     """Reward model, by repository name or alias (None: the repository's default). With
     --service it is the name sent to that service."""
@@ -219,9 +223,6 @@ class PPOConfig(BaseModel):
     """CPU threads torch may use (None: torch's default). Bound it when the trainer shares the
     machine with a serving process."""
 
-    reward_url: str | None = Field(None, pattern=r"^https?://")
-    """An OpenRLHF-shaped /get_reward URL to take rewards from (instead of the reward model)."""
-
     checkpoint_every: int = Field(0, ge=0)
     """Save a checkpoint every this many steps (0: never)."""
 
@@ -249,6 +250,8 @@ class PPOConfig(BaseModel):
     @field_validator("reward_model")
     @classmethod
     def _reward_model_exists(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if info.data.get("reward_url") or (info.context or {}).get("remote_reward"):
+            return v  # scored elsewhere: that service knows its models, not this repository
         return _resolve_model("reward", v, info)
 
     @field_validator("prompts_file")
@@ -366,14 +369,18 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-def validate_config(raw: dict[str, Any]) -> PPOConfig:
+def validate_config(raw: dict[str, Any], *, remote_reward: bool = False) -> PPOConfig:
+    """`remote_reward`: rewards come from a running service (--service), so the reward model
+    is that service's to resolve, not the local repository's."""
     try:
-        return PPOConfig.model_validate(raw)
+        return PPOConfig.model_validate(raw, context={"remote_reward": remote_reward})
     except ValidationError as e:
         raise ConfigError(*_field(e)) from None
 
 
-def load_config(path: Path, overrides: dict[str, Any] | None = None) -> PPOConfig:
+def load_config(
+    path: Path, overrides: dict[str, Any] | None = None, *, remote_reward: bool = False
+) -> PPOConfig:
     """The config in a YAML file, `overrides` on top; a ConfigError names the bad field.
 
     Relative paths in the file (prompts_file, model_repository, output_dir) stay relative to
@@ -388,4 +395,4 @@ def load_config(path: Path, overrides: dict[str, Any] | None = None) -> PPOConfi
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError("(root)", f"{path} must hold a mapping of fields")
-    return validate_config(raw | (overrides or {}))
+    return validate_config(raw | (overrides or {}), remote_reward=remote_reward)
