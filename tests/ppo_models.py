@@ -60,9 +60,14 @@ def build_ppo_repository(root: Path) -> Path:
     return root
 
 
-PROMPTS = [
-    "Tell me a story.",
-    "Is the sky blue?",
+PROMPTS: list[str | dict[str, object]] = [
+    {"messages": [{"role": "user", "content": "Tell me a story."}]},
+    {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Is the sky blue?"},
+        ]
+    },
     "Hello!",
     "What does the fox do?",
     "Where is the cat?",

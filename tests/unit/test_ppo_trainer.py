@@ -216,3 +216,30 @@ def test_tensorboard_events_beside_the_metrics(repo: Path, rm: Any, tmp_path: Pa
     assert [e.step for e in kl] == [1, 2]
     lines = read_metrics(tmp_path / "metrics.jsonl")
     assert kl[1].value == pytest.approx(lines[1]["objective/kl"], abs=1e-6)
+
+
+def test_queries_and_rollouts(repo: Path, rm: Any, tmp_path: Path) -> None:
+    trainer = PPOTrainer(config(repo, tmp_path), rm)
+    tok = trainer.tokenizer
+    first = trainer.train_prompts[0]
+    assert first.messages is not None  # the chat form goes through the policy's template
+    expected = tok.apply_chat_template(
+        [m.model_dump() for m in first.messages], add_generation_prompt=True, tokenize=False
+    )
+    assert tok.decode(trainer.train_queries[0]) == expected
+    queries = trainer.train_queries[:3]
+    a = trainer.rollout.generate(queries, 2, 8, 1.0, seed=5)
+    assert a == trainer.rollout.generate(queries, 2, 8, 1.0, seed=5)  # the seed fixes them
+    assert a != trainer.rollout.generate(queries, 2, 8, 1.0, seed=6)
+    assert len(a) == 6
+    for r in a:  # as sampled: up to and including the first EOS, else max_new_tokens long
+        eos = [i for i, t in enumerate(r) if t in trainer.eos_ids]
+        assert eos == [len(r) - 1] if eos else len(r) == 8
+
+
+def test_cut_at_eos() -> None:
+    from rewardserve.training.ppo.rollout import cut_at_eos
+
+    assert cut_at_eos([5, 6, 2, 2, 2], {2}) == [5, 6, 2]
+    assert cut_at_eos([5, 6, 7], {2}) == [5, 6, 7]
+    assert cut_at_eos([9, 5, 3], {2, 3}) == [9, 5, 3]
