@@ -28,7 +28,7 @@ def build_reward(
     if service:
         from rewardserve.training.ppo.remote_rewards import ServiceReward
 
-        return ServiceReward(service, config.reward_model, timeout_s=60.0, api_key=api_key)
+        return ServiceReward(service, config.reward_model, api_key=api_key)
     from rewardserve.config import Settings
     from rewardserve.training.ppo.rewards import InProcessReward
 

@@ -137,6 +137,7 @@ class PPOTrainer:
                 self.tokenizer,
                 dtype=dtype,
                 max_model_len=self.policy_manifest.max_length,
+                seed=self.config.seed,
             )
         return TransformersRollout(self.policy.lm, self.tokenizer, self.device)
 
