@@ -11,7 +11,7 @@ from builders import build_tiny_rm, llama3_tokenizer, write_manifest
 
 
 def build_tiny_chat_policy(repo: Path, name: str = "tiny-chat", seed: int = 0) -> Path:
-    """A random (seeded) 2-layer Llama causal LM on builders.llama3_tokenizer: about 400
+    """A random (seeded) 2-layer, 64-wide Llama causal LM on builders.llama3_tokenizer: about 400
     tokens, EOS <|eot_id|>, Llama-3's chat template."""
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -22,8 +22,9 @@ def build_tiny_chat_policy(repo: Path, name: str = "tiny-chat", seed: int = 0) -
     tokenizer.pad_token = "<|end_of_text|>"
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
+        # head_dim 32: the smallest vLLM's CPU attention runs, so the vllm rollout can use it
+        hidden_size=64,
+        intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=2,
         num_key_value_heads=2,

