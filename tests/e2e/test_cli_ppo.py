@@ -134,3 +134,28 @@ def test_vllm_rollouts(repo: Path, tmp_path: Path) -> None:
     assert steps[0]["objective/kl"] == 0.0
     assert all(m["first_minibatch/ratio"] == pytest.approx(1.0, abs=1e-6) for m in steps)
     assert all(m["time/weight_sync_s"] > 0 for m in steps)
+
+
+def test_service_rewards_train_as_in_process_rewards(repo: Path, tmp_path: Path) -> None:
+    """--service: every reward from a running service's gRPC Score. The service and the
+    in-process scorer are one ScoringEngine over the same weights, so the same seeded run
+    sees the same rewards and ends with the same metrics (1e-5: the server may batch the
+    items of a request differently, which moves a float32 reward in its last bits)."""
+    pytest.importorskip("rewardserve.training.ppo.remote_rewards", reason="needs the client")
+    from servers import RewardServer
+
+    fields = {"total_steps": 3, "checkpoint_every": 0, "reward_model": "tiny-rm"}
+    local = ppo(write_config(tmp_path / "a.yaml", repo, export_name="local", **fields),
+                "--output", str(tmp_path / "local"))  # fmt: skip
+    assert local.returncode == 0, local.stderr[-3000:]
+    with RewardServer(repo, extra_args=["--models", "tiny-rm", "--policies", "tiny-chat"]) as s:
+        remote = ppo(write_config(tmp_path / "b.yaml", repo, export_name="remote", **fields),
+                     "--output", str(tmp_path / "remote"), "--service", s.grpc_target)  # fmt: skip
+    assert remote.returncode == 0, remote.stderr[-3000:]
+    a = [json.loads(x) for x in (tmp_path / "local" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (tmp_path / "remote" / "metrics.jsonl").read_text().splitlines()]
+    for x, y in zip(a, b, strict=True):
+        assert _comparable(y) == pytest.approx(_comparable(x), rel=1e-5, abs=1e-7)
+    assert (
+        json.loads((tmp_path / "remote" / "result.json").read_text())["reward_model"] == "tiny-rm"
+    )
