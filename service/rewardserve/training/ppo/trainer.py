@@ -42,6 +42,7 @@ from rewardserve.training.ppo.model import (
 )
 from rewardserve.training.ppo.rewards import RewardSource
 from rewardserve.training.ppo.rollout import RolloutBackend, TransformersRollout, eos_token_ids
+from rewardserve.training.ppo.update import Rollouts, ppo_update
 
 log = logging.getLogger(__name__)
 
@@ -210,61 +211,12 @@ class PPOTrainer:
         adv: torch.Tensor,
         returns: torch.Tensor | None,
     ) -> dict[str, Any]:
-        c, n = self.config, batch.input_ids.shape[0]
-        gen = torch.Generator().manual_seed(step_seed(c.seed, self.step, salt=1))
-        stats: dict[str, list[float]] = {
-            k: [] for k in ("approxkl", "clipfrac", "pg_loss", "vf_loss", "vf_clipfrac",
-                            "entropy", "ratio")
-        }  # fmt: skip
-        self.policy.train()
-        for _ in range(c.ppo_epochs):
-            perm = torch.randperm(n, generator=gen)
-            for start in range(0, n, c.mini_batch_size):
-                mb = perm[start : start + c.mini_batch_size].to(self.device)
-                sub, mask = batch.rows(mb), batch.mask[mb]
-                with self.precision.autocast():
-                    logits, new_logp, values = policy_forward(self.policy, sub, c.temperature)
-                pg = core.clipped_policy_loss(new_logp, old_logp[mb], adv[mb], mask, c.cliprange)
-                loss = pg.loss
-                if returns is not None:
-                    vf_loss, vf_clip = core.clipped_value_loss(
-                        values, old_values[mb], returns[mb], mask, c.cliprange_value
-                    )
-                    loss = loss + c.vf_coef * vf_loss
-                    stats["vf_loss"].append(vf_loss.item())
-                    stats["vf_clipfrac"].append(vf_clip.item())
-                entropy = core.masked_mean(core.entropy_from_logits(logits), mask)
-                if c.entropy_coef:
-                    loss = loss - c.entropy_coef * entropy
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if c.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(self.policy.parameters(), c.max_grad_norm)
-                self.optimizer.step()
-                self.scheduler.step()
-                for key, v in (("approxkl", pg.approxkl), ("clipfrac", pg.clipfrac),
-                               ("pg_loss", pg.loss), ("entropy", entropy),
-                               ("ratio", pg.ratio_mean)):  # fmt: skip
-                    stats[key].append(v.item())
-        self.policy.eval()
-
-        def avg(key: str) -> float:
-            return sum(stats[key]) / len(stats[key]) if stats[key] else 0.0
-
-        return {
-            "policy/approxkl_avg": avg("approxkl"),
-            "policy/clipfrac_avg": avg("clipfrac"),
-            "loss/policy_avg": avg("pg_loss"),
-            "loss/value_avg": avg("vf_loss"),
-            "val/clipfrac_avg": avg("vf_clipfrac"),
-            "policy/entropy_avg": avg("entropy"),
-            "val/ratio": avg("ratio"),
-            # the first mini-batch of the first epoch runs before any update: with the
-            # policy unchanged since the rollout, its ratio is 1 and approxkl/clipfrac 0
-            "first_minibatch/approxkl": stats["approxkl"][0],
-            "first_minibatch/clipfrac": stats["clipfrac"][0],
-            "first_minibatch/ratio": stats["ratio"][0],
-        }
+        gen = torch.Generator().manual_seed(step_seed(self.config.seed, self.step, salt=1))
+        rollouts = Rollouts(batch, old_logp, old_values, adv, returns)
+        return ppo_update(
+            self.policy, self.optimizer, self.scheduler, rollouts, self.config,
+            self.precision, gen,
+        )  # fmt: skip
 
     def train_step(self) -> dict[str, Any]:
         c = self.config
