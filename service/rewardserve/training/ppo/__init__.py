@@ -1,1 +1,2 @@
-"""PPO: the RLHF policy-optimisation loop, rewarded online by the service's own scorer."""
+"""PPO (and the critic-free RLOO / GRPO) for the policies of the model repository, rewarded by
+the service's own scorer."""
