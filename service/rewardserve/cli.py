@@ -89,15 +89,26 @@ def ppo(
     except ConfigError as e:
         typer.echo(f"rewardserve ppo: {config}: {e}", err=True)
         raise typer.Exit(2) from None
+    from rewardserve.client.errors import RewardServeError
+    from rewardserve.schemas.errors import ServiceError
     from rewardserve.training.ppo.run import build_reward, run_ppo
 
     logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
-    reward = build_reward(cfg, service, api_key)
+    try:
+        # A reward source that cannot serve (service unreachable, a model it does not have,
+        # weights not built) is the operator's to fix: its message, not a traceback.
+        reward = build_reward(cfg, service, api_key)
+    except (RewardServeError, ServiceError) as e:
+        typer.echo(f"rewardserve ppo: reward source: {e}", err=True)
+        raise typer.Exit(1) from None
     try:
         result = run_ppo(cfg, reward, output_dir=output, resume=resume, progress=True)
     except ConfigError as e:  # --resume with a config that is not the checkpointed run's
         typer.echo(f"rewardserve ppo: {config}: {e}", err=True)
         raise typer.Exit(2) from None
+    except (RewardServeError, ServiceError) as e:  # the reward source failed mid-run
+        typer.echo(f"rewardserve ppo: reward source: {e}; resume with --resume", err=True)
+        raise typer.Exit(1) from None
     finally:
         reward.close()
     typer.echo(f"exported policy: {result['export_name']}")

@@ -159,3 +159,15 @@ def test_service_rewards_train_as_in_process_rewards(repo: Path, tmp_path: Path)
     assert (
         json.loads((tmp_path / "remote" / "result.json").read_text())["reward_model"] == "tiny-rm"
     )
+
+
+def test_an_unreachable_service_is_a_message_not_a_traceback(repo: Path, tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on once this closes
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = write_config(tmp_path / "run.yaml", repo, total_steps=1)
+    done = ppo(cfg, "--service", f"127.0.0.1:{port}", "--output", str(tmp_path / "out"))
+    assert done.returncode == 1, done.stderr
+    assert "reward source" in done.stderr and "Traceback" not in done.stderr
