@@ -1,0 +1,1 @@
+"""PPO trainer: the RLHF policy-optimisation loop, rewarded online by the service's own scorer."""
