@@ -36,24 +36,18 @@ def tokenizer() -> Any:
 
 @pytest.fixture(scope="module")
 def queries(tokenizer: Any) -> list[list[int]]:
-    return [
-        list(
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}],
-                add_generation_prompt=True,
-                tokenize=True,
-                return_dict=True,
-            )["input_ids"]
-        )
-        for p in PROMPTS
-    ]
+    from rewardserve.training.ppo.vllm_rollout import chat_queries
+
+    return chat_queries(tokenizer, PROMPTS)
 
 
 @pytest.fixture(scope="module")
 def hf_model() -> Any:
     from transformers import AutoModelForCausalLM
 
-    torch.set_num_threads(2)
+    # One thread: on 2 cores shared with other tests, 2 OpenMP threads spin-waiting on each
+    # other made the engine 4-5 times slower (measured 11 s vs 50 s for one batch).
+    torch.set_num_threads(1)
     return AutoModelForCausalLM.from_pretrained(FOLDER, dtype=torch.float32).eval()
 
 
@@ -197,10 +191,9 @@ def test_close_leaves_no_engine_behind(
     shm, children = _shm(), psutil.Process().children(recursive=True)
     torch.set_num_threads(2)
     backend = VllmRollout(FOLDER, tokenizer, "float32", 512, seed=0)
-    assert torch.get_num_threads() == 2
-    torch.set_num_threads(1)  # the trainer keeps control of its threads
+    assert torch.get_num_threads() == 2  # vLLM's CPU worker would have made it 1
+    torch.set_num_threads(1)  # and the trainer keeps control of its threads
     assert torch.get_num_threads() == 1
-    torch.set_num_threads(2)
     assert len(backend.generate(queries[:1], 2, 4, 1.0, seed=0)) == 2
     backend.close()
     backend.close()  # idempotent

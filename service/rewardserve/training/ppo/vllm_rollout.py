@@ -225,6 +225,21 @@ class VllmRollout:
         self.close()
 
 
+def chat_queries(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
+    """Each prompt as one user turn in the policy's chat template, ready to answer."""
+    return [
+        list(
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}],
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=True,
+            )["input_ids"]
+        )
+        for p in prompts
+    ]
+
+
 def benchmark_rollouts(
     folder: Path,
     *,
@@ -236,26 +251,41 @@ def benchmark_rollouts(
     repeats: int = 3,
     max_model_len: int = 1024,
     device: str = "cpu",
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """One PPO-shaped rollout batch on vLLM (this module) and on transformers `generate`,
     same model, same prompts, alternated `repeats` times so both see the same machine load;
     plus the cost of a weight sync. Medians in seconds; the ratio is what the trainer's
-    default rollout backend is picked by."""
+    default rollout backend is picked by. `threads`: torch's intra-op threads for both sides
+    during the run (restored after); on CPUs shared with other work 1 can beat 2 several
+    times over (OpenMP threads spin-wait on each other when a core is taken)."""
+    saved_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _benchmark(
+            folder, prompts, n, max_new_tokens, temperature, dtype, repeats, max_model_len, device
+        )
+    finally:
+        torch.set_num_threads(saved_threads)
+
+
+def _benchmark(
+    folder: Path,
+    prompts: Sequence[str] | None,
+    n: int,
+    max_new_tokens: int,
+    temperature: float,
+    dtype: str,
+    repeats: int,
+    max_model_len: int,
+    device: str,
+) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     prompts = list(prompts or [f"Give me one tip about topic number {i}." for i in range(8)])
-    queries = [
-        list(
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}],
-                add_generation_prompt=True,
-                tokenize=True,
-                return_dict=True,
-            )["input_ids"]
-        )
-        for p in prompts
-    ]
+    queries = chat_queries(tokenizer, prompts)
     torch_dtype = getattr(torch, dtype)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype).to(device).eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -313,6 +343,7 @@ def benchmark_rollouts(
             "temperature": temperature,
             "dtype": dtype,
             "device": device,
+            "torch_threads": torch.get_num_threads(),
         },
         "engine_start_s": engine_start_s,
         "vllm_generate_s": vllm_med,
