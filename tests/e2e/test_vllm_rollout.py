@@ -4,6 +4,7 @@ one engine for the module."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -190,7 +191,14 @@ def test_close_leaves_no_engine_behind(
     rollout.close()  # the module's engine first: one torch.distributed group at a time
     shm, children = _shm(), psutil.Process().children(recursive=True)
     torch.set_num_threads(2)
+    env, rng = dict(os.environ), torch.get_rng_state()
     backend = VllmRollout(FOLDER, tokenizer, "float32", 512, seed=0)
+    # what the engine set for its own start is gone: a serving engine built later in this
+    # process gets its own multiprocessing, the trainer's seeded generators are untouched
+    assert os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == env.get(
+        "VLLM_ENABLE_V1_MULTIPROCESSING"
+    )
+    assert torch.equal(torch.get_rng_state(), rng)
     assert torch.get_num_threads() == 2  # vLLM's CPU worker would have made it 1
     torch.set_num_threads(1)  # and the trainer keeps control of its threads
     assert torch.get_num_threads() == 1
