@@ -26,7 +26,8 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def write_config(path: Path, repo: Path, **fields: object) -> Path:
     base = {"model_repository": str(repo), "prompts": PROMPTS, "total_steps": 20,
             "batch_size": 4, "samples_per_prompt": 4, "mini_batch_size": 8,
-            "max_new_tokens": 8, "torch_threads": 1, "learning_rate": 1e-2,
+            "max_new_tokens": 8, "torch_threads": 1,
+            "rollout_backend": "transformers", "learning_rate": 1e-2,
             "checkpoint_every": 5, "keep_checkpoints": 2, "normalize_rewards": True,
             "kl_controller": "adaptive", "horizon": 200}  # fmt: skip
     path.write_text(yaml.safe_dump(base | fields))

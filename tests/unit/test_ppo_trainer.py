@@ -37,7 +37,8 @@ def rm(repo: Path) -> Any:
 def config(repo: Path, out: Path, **fields: Any) -> PPOConfig:
     base = {"model_repository": str(repo), "prompts": PROMPTS, "total_steps": 2,
             "batch_size": 4, "samples_per_prompt": 4, "mini_batch_size": 8,
-            "max_new_tokens": 8, "torch_threads": 1, "output_dir": str(out)}  # fmt: skip
+            "max_new_tokens": 8, "torch_threads": 1,
+            "rollout_backend": "transformers", "output_dir": str(out)}  # fmt: skip
     return validate_config(base | fields)
 
 

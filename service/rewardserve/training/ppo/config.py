@@ -212,9 +212,11 @@ class PPOConfig(BaseModel):
     """Clip gradients to this global norm (None: no clipping)."""
 
     # ---- running ----------------------------------------------------------------------
-    rollout_backend: Literal["transformers", "vllm"] = "transformers"
+    rollout_backend: Literal["auto", "transformers", "vllm"] = "auto"
     """transformers: `generate` with the live policy (no weight copy); vllm: an in-process
-    vLLM engine that receives the weights after every step."""
+    vLLM engine that receives the weights after every step; auto: vllm where it is
+    installed (1.4-1.5x faster per step's rollout and sync than transformers here, README
+    "PPO rollouts"), else transformers."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto: cuda where available, else cpu."""

@@ -130,7 +130,12 @@ class PPOTrainer:
 
     # ---- set-up --------------------------------------------------------------------------
     def _make_rollout(self, dtype: str) -> RolloutBackend:
-        if self.config.rollout_backend == "vllm":
+        backend = self.config.rollout_backend
+        if backend == "auto":
+            from rewardserve.policy.manager import vllm_installed
+
+            backend = "vllm" if vllm_installed() else "transformers"
+        if backend == "vllm":
             from rewardserve.training.ppo.vllm_rollout import VllmRollout
 
             return VllmRollout(
