@@ -192,6 +192,9 @@ def test_export_is_a_policy_of_the_repository(repo: Path, rm: Any, tmp_path: Pat
     for side in ("trained", "initial"):
         assert set(ev[side]["reward"]) == {"mean", "stderr", "n"}
     assert math.isfinite(ev["kl_to_reference"]["mean"])
+    sample = ev["samples"][0]
+    gain = sample["trained"]["reward"] - sample["initial"]["reward"]
+    assert ev["reward_gain"]["mean"] == pytest.approx(gain)  # one prompt: the paired gain
 
     repository = ModelRepository(repo, tmp_path / "cache")
     policies = repository.of_kind("policy")

@@ -43,10 +43,13 @@ def evaluate(
     and KL(trained || reference): the mean over the trained policy's samples of the summed
     per-token log p - log p_ref."""
     out: dict[str, Any] = {"prompts": len(prompts), "seed": seed}
+    texts: dict[str, list[str]] = {}
+    rewards: dict[str, list[float]] = {}
     for label, backend in (("trained", trained), ("initial", initial)):
         responses = backend.generate(list(queries), 1, max_new_tokens, temperature, seed)
-        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-        out[label] = {"reward": mean_and_stderr(reward.score(prompts, texts))}
+        texts[label] = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        rewards[label] = reward.score(prompts, texts[label])
+        out[label] = {"reward": mean_and_stderr(rewards[label])}
         out[label]["response_length"] = sum(map(len, responses)) / len(responses)
         if label == "trained":
             batch = make_batch(list(queries), responses, pad_id, device)
@@ -54,8 +57,16 @@ def evaluate(
             ref = sequence_logprobs(reference_lm, batch, temperature, chunk)
             kl = ((logp - ref) * batch.mask).sum(1)
             out["kl_to_reference"] = mean_and_stderr(kl.tolist())
-            out["samples"] = [
-                {"prompt": p.model_dump(exclude_none=True), "response": t}
-                for p, t in zip(prompts[:5], texts[:5], strict=False)
-            ]
+    # Both policies answered the same prompts: the paired difference has a much smaller
+    # standard error than the two means' separate ones.
+    diff = [a - b for a, b in zip(rewards["trained"], rewards["initial"], strict=True)]
+    out["reward_gain"] = mean_and_stderr(diff)
+    out["samples"] = [
+        {
+            "prompt": p.model_dump(exclude_none=True),
+            "initial": {"response": texts["initial"][i], "reward": rewards["initial"][i]},
+            "trained": {"response": texts["trained"][i], "reward": rewards["trained"][i]},
+        }
+        for i, p in enumerate(prompts[:8])
+    ]
     return out
