@@ -65,6 +65,45 @@ def train_rm(ctx: typer.Context) -> None:
     )
 
 
+@app.command("ppo")
+def ppo(
+    config: Path = typer.Argument(..., help="The run's YAML config (PPOConfig fields)."),
+    service: str | None = typer.Option(
+        None, help="gRPC address (host:port) of a running service to take rewards from."
+    ),
+    api_key: str | None = typer.Option(
+        None, envvar="REWARDSERVE_API_KEY", help="API key for --service."
+    ),
+    output: Path | None = typer.Option(None, help="Output folder (default: output_dir)."),
+    resume: bool = typer.Option(False, help="Continue from the newest checkpoint in it."),
+    set_: list[str] = typer.Option(
+        [], "--set", help="Override a config field: key=value (repeatable)."
+    ),
+) -> None:
+    """Train a policy with PPO (or RLOO / GRPO), rewarded by the service's scorer; export it
+    into the model repository and evaluate it on held-out prompts."""
+    from rewardserve.training.ppo.config import ConfigError, load_config, parse_overrides
+
+    try:  # the whole config, models and prompts included, before any model loads
+        cfg = load_config(config, parse_overrides(set_))
+    except ConfigError as e:
+        typer.echo(f"rewardserve ppo: {config}: {e}", err=True)
+        raise typer.Exit(2) from None
+    from rewardserve.training.ppo.run import build_reward, run_ppo
+
+    logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
+    reward = build_reward(cfg, service, api_key)
+    try:
+        result = run_ppo(cfg, reward, output_dir=output, resume=resume, progress=True)
+    except ConfigError as e:  # --resume with a config that is not the checkpointed run's
+        typer.echo(f"rewardserve ppo: {config}: {e}", err=True)
+        raise typer.Exit(2) from None
+    finally:
+        reward.close()
+    typer.echo(f"exported policy: {result['export_name']}")
+    typer.echo(f"result: {result['result_path']}")
+
+
 @app.command("convert-gguf")
 def convert_gguf(
     output: Path = typer.Option(..., help="Folder to write (replaced if it exists)."),
