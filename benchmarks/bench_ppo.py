@@ -87,9 +87,10 @@ class Shape:
     kl_coef: float = 0.05
     seed: int = 1234
     threads: int = 2
-    policy: str = str(CACHE / POLICY)
+    policy: str = POLICY  # repository names, in `models`
     reward_model: str = REWARD_MODEL
     models: str = str(ROOT / "models")
+    cache: str = str(CACHE)
 
     @property
     def sequences(self) -> int:
@@ -131,18 +132,22 @@ def bench_prompts(shape: Shape) -> list[Messages]:
     return load_prompts(shape.steps * shape.batch, max_chars=200, seed=shape.seed)
 
 
-def autocast_bf16(shape: Shape) -> bool:
-    """Whether our trainer runs this policy in bf16: autocast over float32 master weights
-    where its model.yaml's `dtype: auto` resolves to bf16 (CUDA, CPUs with AMX). TRL's rows
-    get the same (float32 weights, `bf16=True` mixed precision): bf16 on one side and float32
-    on the other would compare precisions, not trainers."""
+def policy_folder(shape: Shape) -> tuple[Path, bool]:
+    """The policy's HF folder, and whether our trainer runs it in bf16: autocast over
+    float32 master weights where its model.yaml's dtype resolves to bf16 (`auto`: CUDA, CPUs
+    with AMX). TRL's rows get the same (float32 weights, `bf16=True` mixed precision): bf16 on
+    one side and float32 on the other would compare precisions, not trainers."""
     from rewardserve.registry.dtypes import resolve_dtype
-    from rewardserve.registry.manifest import load_manifest
+    from rewardserve.registry.manifest import load_manifest, resolve_source
 
-    manifest = Path(shape.models) / POLICY / "model.yaml"
-    if Path(shape.policy) == CACHE / POLICY and manifest.exists():
-        return resolve_dtype(load_manifest(manifest.parent).dtype) == "bfloat16"
-    return False
+    folder = Path(shape.models) / shape.policy
+    manifest = load_manifest(folder)
+    weights = resolve_source(manifest, folder, Path(shape.cache))
+    return weights, resolve_dtype(manifest.dtype) == "bfloat16"
+
+
+def precision_note(bf16: bool) -> str:
+    return "float32 weights, bf16 autocast" if bf16 else "float32"
 
 
 def reward_scorer(shape: Shape) -> Callable[[Sequence[Messages], Sequence[str]], list[float]]:
@@ -156,7 +161,7 @@ def reward_scorer(shape: Shape) -> Callable[[Sequence[Messages], Sequence[str]],
     from rewardserve.schemas.scoring import ChatMessage
 
     folder = Path(shape.models) / shape.reward_model
-    scorer = load_reward_model(load_manifest(folder), folder, CACHE, False)
+    scorer = load_reward_model(load_manifest(folder), folder, Path(shape.cache), False)
     if scorer.chat_template:
         raise SystemExit(f"{shape.reward_model}: a chat-template reward model is not supported")
 
@@ -259,10 +264,9 @@ def trl_grpo_rloo(shape: Shape, row: Row, prompts: list[Messages], out: Result) 
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
     t0 = time.perf_counter()
-    bf16 = autocast_bf16(shape)
-    precision = "float32 weights, bf16 autocast" if bf16 else "float32"
-    tokenizer = AutoTokenizer.from_pretrained(shape.policy, padding_side="left")
-    model = AutoModelForCausalLM.from_pretrained(shape.policy, dtype=torch.float32)
+    folder, bf16 = policy_folder(shape)
+    tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     score = reward_scorer(shape)
 
     def reward(prompts: list[Messages], completions: list[Messages], **_: Any) -> list[float]:
@@ -313,7 +317,7 @@ def trl_grpo_rloo(shape: Shape, row: Row, prompts: list[Messages], out: Result) 
     clock.end = time.perf_counter()
     out.steps = clock.steps()
     loss = getattr(trainer.args, "loss_type", "rloo")
-    out.notes.append(f"{precision}; loss_type {loss}; beta {shape.kl_coef}")
+    out.notes.append(f"{precision_note(bf16)}; loss_type {loss}; beta {shape.kl_coef}")
 
 
 def trl_ppo(shape: Shape, row: Row, prompts: list[Messages], out: Result) -> None:
@@ -330,18 +334,15 @@ def trl_ppo(shape: Shape, row: Row, prompts: list[Messages], out: Result) -> Non
     from trl.experimental.ppo import ppo_trainer as ppo_module
 
     t0 = time.perf_counter()
-    bf16 = autocast_bf16(shape)
-    precision = "float32 weights, bf16 autocast" if bf16 else "float32"
+    folder, bf16 = policy_folder(shape)
     dtype = torch.float32
-    tokenizer = AutoTokenizer.from_pretrained(shape.policy, padding_side="left")
+    tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="left")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    policy = AutoModelForCausalLM.from_pretrained(shape.policy, dtype=dtype)
-    ref = AutoModelForCausalLM.from_pretrained(shape.policy, dtype=dtype)
+    policy = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     # TRL's example: the critic is the policy's backbone with a fresh one-logit head.
-    value = AutoModelForSequenceClassification.from_pretrained(
-        shape.policy, num_labels=1, dtype=dtype
-    )
+    value = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, dtype=dtype)
     value.config.pad_token_id = tokenizer.pad_token_id
     score = reward_scorer(shape)
 
@@ -421,11 +422,16 @@ def trl_ppo(shape: Shape, row: Row, prompts: list[Messages], out: Result) -> Non
         value_model=value,
     )
     out.setup_s = time.perf_counter() - t0
-    trainer.train()
+    try:
+        trainer.train()
+    finally:  # the module as it was, for a caller that goes on in this process (the test)
+        ppo_module.batch_generation, ppo_module.forward = batch_generation, forward
+        ppo_module.get_reward = original_get_reward
     clock.end = time.perf_counter()
     out.steps = clock.steps()
     out.notes.append(
-        f"{precision}; critic: a separate copy of the policy backbone with a 1-logit head; "
+        f"{precision_note(bf16)}; critic: a separate copy of the policy backbone with a "
+        "1-logit head; "
         "reward: TRL's get_reward wrapped to decode the policy ids and score HH text"
     )
 
@@ -441,17 +447,17 @@ class MetricsWatcher(threading.Thread):
         super().__init__(daemon=True)
         self.path = path
         self.seen: list[float] = []
-        self._stop = threading.Event()
+        self._done = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.wait(0.02):
+        while not self._done.wait(0.02):
             with contextlib.suppress(FileNotFoundError):
                 lines = self.path.read_text().count("\n")
                 now = time.perf_counter()
                 self.seen += [now] * (lines - len(self.seen))
 
     def stop(self) -> None:
-        self._stop.set()
+        self._done.set()
         self.join()
 
 
@@ -461,8 +467,8 @@ def ours_config(shape: Shape, row: Row, prompts: list[Messages], output: Path) -
 
     return PPOConfig(
         model_repository=Path(shape.models),
-        cache_dir=CACHE,
-        policy=POLICY if Path(shape.policy) == CACHE / POLICY else shape.policy,
+        cache_dir=Path(shape.cache),
+        policy=shape.policy,
         reward_model=shape.reward_model,
         prompts=[{"messages": p} for p in prompts],
         eval_fraction=0.0,  # every prompt trains, as on TRL's side; no held-out evaluation
@@ -511,9 +517,8 @@ def ours(shape: Shape, row: Row, prompts: list[Messages], out: Result) -> None:
         # wall clock between two lines; the trainer's own figure if the watcher missed one
         step["step_s"] = stamps[i + 1] - stamps[i] if i + 1 < len(stamps) else m["time/step_s"]
         out.steps.append(step)
-    bf16 = trainer.precision.bf16
     out.notes.append(
-        ("float32 weights, bf16 autocast" if bf16 else "float32")
+        precision_note(trainer.precision.bf16)
         + ("; critic: a value head on the policy backbone" if row.estimator == "gae" else "")
     )
 
@@ -527,6 +532,11 @@ def worker(spec: dict[str, Any], path: Path) -> None:
 
     torch.set_num_threads(shape.threads)
     torch.manual_seed(shape.seed)
+    path.write_text(json.dumps(asdict(run_in_process(shape, row))))
+
+
+def run_in_process(shape: Shape, row: Row) -> Result:
+    """One row in this process (the worker's body; the smoke test calls it directly)."""
     out = Result(row)
     try:
         prompts = bench_prompts(shape)
@@ -541,7 +551,7 @@ def worker(spec: dict[str, Any], path: Path) -> None:
 
         traceback.print_exc()
         out.error = f"{type(e).__name__}: {e}"
-    path.write_text(json.dumps(asdict(out)))
+    return out
 
 
 def run_row(shape: Shape, row: Row, timeout_s: float) -> Result:
@@ -776,9 +786,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--kl-coef", type=float, default=d.kl_coef)
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--threads", type=int, default=d.threads, help="torch threads, every row")
-    ap.add_argument("--policy", default=d.policy, help="HF folder of the policy")
+    ap.add_argument("--policy", default=d.policy, help="the policy's repository name")
     ap.add_argument("--reward-model", default=d.reward_model, help="its repository name")
-    ap.add_argument("--models", default=d.models, help="model repository (reward model)")
+    ap.add_argument("--models", default=d.models, help="model repository")
+    ap.add_argument("--cache", default=d.cache, help="cache dir of `source: cache` models")
     ap.add_argument("--estimators", default="grpo,rloo,gae", help="comma list of grpo, rloo, gae")
     ap.add_argument(
         "--sides",
