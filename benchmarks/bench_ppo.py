@@ -87,6 +87,7 @@ class Shape:
     kl_coef: float = 0.05
     seed: int = 1234
     threads: int = 2
+    dtype: str = "float32"  # "auto": the policy manifest's (bf16 autocast on AMX / CUDA)
     policy: str = POLICY  # repository names, in `models`
     reward_model: str = REWARD_MODEL
     models: str = str(ROOT / "models")
@@ -133,17 +134,20 @@ def bench_prompts(shape: Shape) -> list[Messages]:
 
 
 def policy_folder(shape: Shape) -> tuple[Path, bool]:
-    """The policy's HF folder, and whether our trainer runs it in bf16: autocast over
-    float32 master weights where its model.yaml's dtype resolves to bf16 (`auto`: CUDA, CPUs
-    with AMX). TRL's rows get the same (float32 weights, `bf16=True` mixed precision): bf16 on
-    one side and float32 on the other would compare precisions, not trainers."""
+    """The policy's HF folder, and whether our trainer runs it in bf16 (--dtype, `auto`: the
+    policy manifest's): autocast over float32 master weights for its training passes (it
+    samples in float32). TRL's rows then get `bf16=True` (float32 weights, accelerate's
+    autocast), which also wraps every forward of TRL's generate in its own autocast region:
+    each decode step re-casts all weights to bf16 (measured: most of TRL's rollout time on
+    this CPU). So the default is float32 on both sides, the one setting both run alike."""
     from rewardserve.registry.dtypes import resolve_dtype
     from rewardserve.registry.manifest import load_manifest, resolve_source
 
     folder = Path(shape.models) / shape.policy
     manifest = load_manifest(folder)
     weights = resolve_source(manifest, folder, Path(shape.cache))
-    return weights, resolve_dtype(manifest.dtype) == "bfloat16"
+    dtype = manifest.dtype if shape.dtype == "auto" else shape.dtype
+    return weights, resolve_dtype(dtype) == "bfloat16"
 
 
 def precision_note(bf16: bool) -> str:
@@ -488,6 +492,7 @@ def ours_config(shape: Shape, row: Row, prompts: list[Messages], output: Path) -
         mini_batch_size=shape.mini,
         rollout_backend=row.backend,
         torch_threads=shape.threads,
+        dtype=shape.dtype,
         output_dir=output,
     )
 
@@ -789,6 +794,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--kl-coef", type=float, default=d.kl_coef)
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--threads", type=int, default=d.threads, help="torch threads, every row")
+    ap.add_argument(
+        "--dtype",
+        choices=["float32", "auto", "bfloat16"],
+        default=d.dtype,
+        help="policy precision, both sides (auto: the policy manifest's; see policy_folder)",
+    )
     ap.add_argument("--policy", default=d.policy, help="the policy's repository name")
     ap.add_argument("--reward-model", default=d.reward_model, help="its repository name")
     ap.add_argument("--models", default=d.models, help="model repository")
