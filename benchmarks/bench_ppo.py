@@ -573,8 +573,9 @@ def run_row(shape: Shape, row: Row, timeout_s: float) -> Result:
             "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1",
             "HF_DATASETS_OFFLINE": "1",
+            # the caller's PYTHONPATH first (a combined tree under test), then these sources
             "PYTHONPATH": os.pathsep.join(
-                [str(ROOT / "service"), *filter(None, [os.environ.get("PYTHONPATH")])]
+                [*filter(None, [os.environ.get("PYTHONPATH")]), str(ROOT / "service")]
             ),
         }
         cmd = [sys.executable, __file__, "--worker", spec, "--worker-out", str(path)]
