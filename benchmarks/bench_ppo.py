@@ -371,12 +371,17 @@ def trl_ppo(shape: Shape, row: Row, prompts: list[Messages], out: Result) -> Non
         """Stands in for TRL's reward model; `get_reward` below scores it."""
 
     rm = HHRewardModel()
+    clock = PhaseClock()
     original_get_reward = ppo_module.get_reward
     pad = tokenizer.pad_token_id
 
     def get_reward(model: Any, query_responses: Any, pad_token_id: int, context_length: int):
-        if model is not rm:  # the value model
+        if model is not rm:  # the value model: part of the rollout, as ours counts it
             return original_get_reward(model, query_responses, pad_token_id, context_length)
+        return score_ids(query_responses, context_length)
+
+    @clock.reward
+    def score_ids(query_responses: Any, context_length: int) -> tuple[None, Any, Any]:
         messages, replies = [], []
         for seq in query_responses.tolist():
             # left padding only: the pad id may also be a real token inside the template
@@ -387,7 +392,6 @@ def trl_ppo(shape: Shape, row: Row, prompts: list[Messages], out: Result) -> Non
         lengths = ppo_module.first_true_indices(query_responses[:, context_length:] == pad)
         return None, scores, lengths - 1 + context_length
 
-    clock = PhaseClock()
     batch_generation, forward = ppo_module.batch_generation, ppo_module.forward
 
     def rollout(*args: Any, **kwargs: Any) -> Any:
@@ -400,7 +404,7 @@ def trl_ppo(shape: Shape, row: Row, prompts: list[Messages], out: Result) -> Non
         return forward(*args, **kwargs)
 
     ppo_module.batch_generation, ppo_module.forward = rollout, timed_forward
-    ppo_module.get_reward = clock.reward(get_reward)
+    ppo_module.get_reward = get_reward
     per_step = shape.sequences
     args = PPOConfig(
         per_device_train_batch_size=per_step,
@@ -635,7 +639,8 @@ def table(shape: Shape, results: list[Result]) -> list[str]:
     lines = [
         f"PPO step time, {shape.steps} steps (median of the last {max(shape.steps - 1, 1)}), "
         f"{shape.batch} prompts x {shape.samples} samples, {shape.max_new_tokens} new tokens, "
-        f"mini-batch {shape.mini} sequences, 1 epoch, {shape.threads} torch threads",
+        f"mini-batch {shape.mini} sequences, 1 epoch, {shape.threads} torch threads, "
+        f"--dtype {shape.dtype}",
         "",
         "| estimator | trainer | s/step | rollout s | reward s | update s | weight sync s |"
         " vs TRL |",
@@ -660,8 +665,9 @@ def table(shape: Shape, results: list[Result]) -> list[str]:
     lines += ["", "Notes:"]
     lines += [f"- {r.row.label}: {n}" for r in results for n in r.notes]
     lines.append(
-        "- TRL's 'update' is the step minus its generate and reward calls (old/ref log-probs, "
-        "loss, backward, optimizer); ours is what its metrics say (time/update_s)."
+        "- phases as ours splits them: rollout = generation + the no-grad log-prob, reference "
+        "and value passes; update = advantages, loss, backward, optimizer; TRL's from timers "
+        "around its generate-and-score, reward and first gradient-enabled forward"
     )
     return lines
 
