@@ -757,6 +757,8 @@ def service_mode(shape: Shape, args: argparse.Namespace) -> None:
     idle, busy = load.window(idle_start, idle_stop), load.window(idle_stop, run_stop)
     p99_idle, p99_busy = pct_ms(idle, 99), pct_ms(busy, 99)
     ratio = p99_busy / p99_idle if p99_idle and p99_busy else None
+    p50_idle, p50_busy = pct_ms(idle, 50), pct_ms(busy, 50)
+    p50_ratio = p50_busy / p50_idle if p50_idle and p50_busy else None
     m = medians(result)
     lines = [
         f"/v1/score latency, {args.clients} clients ({args.think_s}s think time), server "
@@ -766,10 +768,11 @@ def service_mode(shape: Shape, args: argparse.Namespace) -> None:
         "",
         "| window | requests | p50 ms | p99 ms |",
         "|---|---|---|---|",
-        f"| idle | {len(idle)} | {pct_ms(idle, 50)} | {p99_idle} |",
-        f"| during the PPO run | {len(busy)} | {pct_ms(busy, 50)} | {p99_busy} |",
+        f"| idle | {len(idle)} | {p50_idle} | {p99_idle} |",
+        f"| during the PPO run | {len(busy)} | {p50_busy} | {p99_busy} |",
         "",
         f"p99 ratio {ratio:.2f}x (target <= 2x)" if ratio else "p99 ratio: n/a",
+        f"p50 ratio {p50_ratio:.2f}x" if p50_ratio else "p50 ratio: n/a",
         f"PPO s/step {fmt(m['step_s'])}" if m else f"PPO run failed: {result.error}",
         f"errors {load.errors}; load average {before:.2f} before, {os.getloadavg()[0]:.2f} after",
     ]
