@@ -54,10 +54,15 @@ test: models
 	$(VENV)/bin/ruff check service tests benchmarks loadtests
 	REWARDSERVE_TEST_REQUIRE_VLLM=$(if $(filter x86_64,$(ARCH)),1,0) $(PY) -m pytest -q
 
-# Both take the whole machine (about 5 + 30 minutes on 2 cores): run them on a quiet one.
-bench: models
+# They take the whole machine (about 5 + 30 minutes on 2 cores, then PPO: see README):
+# run them on a quiet one. BENCH_PPO_ARGS passes shape flags to bench_ppo.py (--help).
+BENCH_PPO_ARGS ?=
+bench: models proto
+	$(PIP) install -q --no-build-isolation -e '.[bench]'
 	$(PY) benchmarks/bench_scoring.py
 	$(PY) benchmarks/bench_bon.py
+	$(PY) benchmarks/bench_ppo.py $(BENCH_PPO_ARGS)
+	$(PY) benchmarks/bench_ppo.py --service $(BENCH_PPO_ARGS)
 
 # Both start their own service on free ports (the default models) and stop it; results go
 # under bench-results/. LOADTEST_ARGS / FUZZ_ARGS pass flags (--help lists them).
