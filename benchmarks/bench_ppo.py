@@ -570,18 +570,31 @@ def run_row(shape: Shape, row: Row, timeout_s: float) -> Result:
     with tempfile.TemporaryDirectory(prefix="bench-ppo-") as tmp:
         path = Path(tmp) / "result.json"
         spec = json.dumps({"shape": asdict(shape), "row": asdict(row)})
-        env = os.environ | {
-            "OMP_NUM_THREADS": str(shape.threads),
-            "MKL_NUM_THREADS": str(shape.threads),
-            "TOKENIZERS_PARALLELISM": "false",
-            "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
-            "HF_DATASETS_OFFLINE": "1",
-            # the caller's PYTHONPATH first (a combined tree under test), then these sources
-            "PYTHONPATH": os.pathsep.join(
-                [*filter(None, [os.environ.get("PYTHONPATH")]), str(ROOT / "service")]
-            ),
-        }
+        # OpenMP threads sleep, not spin, between parallel regions, on both sides: libgomp's
+        # default spins at every barrier, which on a loaded machine takes the core its peer
+        # thread needs (measured here, load 5 on 2 cores: a 4-sequence decode step of the
+        # 135M policy 1.0-1.6 s spinning, 0.16-0.18 s passive). libgomp throttles the spin
+        # by itself once a second thread has run torch ops (more OpenMP threads than CPUs):
+        # our in-process reward forward runs on the scoring engine's executor thread, so our
+        # rows went fast after their first reward call while TRL's, which score in the main
+        # thread, stayed slow every step: most of the old "TRL is 4-12x slower". A caller's
+        # own OMP_WAIT_POLICY still wins (it then applies to every row alike).
+        env = (
+            {"OMP_WAIT_POLICY": "PASSIVE"}
+            | os.environ
+            | {
+                "OMP_NUM_THREADS": str(shape.threads),
+                "MKL_NUM_THREADS": str(shape.threads),
+                "TOKENIZERS_PARALLELISM": "false",
+                "HF_HUB_OFFLINE": "1",
+                "TRANSFORMERS_OFFLINE": "1",
+                "HF_DATASETS_OFFLINE": "1",
+                # the caller's PYTHONPATH first (a combined tree under test), then these sources
+                "PYTHONPATH": os.pathsep.join(
+                    [*filter(None, [os.environ.get("PYTHONPATH")]), str(ROOT / "service")]
+                ),
+            }
+        )
         cmd = [sys.executable, __file__, "--worker", spec, "--worker-out", str(path)]
         print(f"--- {row.label}", flush=True)
         t0 = time.perf_counter()
@@ -669,6 +682,8 @@ def table(shape: Shape, results: list[Result]) -> list[str]:
         "and value passes; update = advantages, loss, backward, optimizer; TRL's from timers "
         "around its generate-and-score, reward and first gradient-enabled forward"
     )
+    policy = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
+    lines.append(f"- OMP_WAIT_POLICY {policy} in every row (see run_row)")
     return lines
 
 
