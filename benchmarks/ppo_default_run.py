@@ -37,28 +37,36 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def plot(metrics: list[dict], out: Path) -> None:
+def plot(runs: dict[str, list[dict]], out: Path) -> None:
+    """Reward, KL, β and response length over the steps, one line per run."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [m["step"] for m in metrics]
     panels = [
-        ("objective/scores", "reward-model score"),
-        ("objective/rlhf_reward", "score − β·KL"),
+        ("objective/raw_scores", "reward-model score (raw)"),
+        ("objective/rlhf_reward", "normalised score − β·KL"),
         ("objective/kl", "KL to reference (per sequence)"),
         ("kl_coef", "β"),
         ("response_length", "response length (tokens)"),
     ]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
     for ax, (key, title) in zip(axes, panels, strict=True):
-        ax.plot(steps, [m.get(key, float("nan")) for m in metrics], marker=".")
+        for label, metrics in runs.items():
+            steps = [m["step"] for m in metrics]
+            ax.plot(steps, [m.get(key, float("nan")) for m in metrics], marker=".", label=label)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
+    if len(runs) > 1:
+        axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
+
+
+def read_metrics(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "run" / "metrics.jsonl").read_text().splitlines()]
 
 
 def main() -> None:
@@ -75,7 +83,18 @@ def main() -> None:
     ap.add_argument("--rollout-backend", default=None, help="vllm | transformers (default: ours)")
     ap.add_argument("--output", type=Path, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--compare", type=Path, nargs="+", default=None,
+        help="plot these finished runs' folders together into --output (a .png), no training",
+    )  # fmt: skip
     args = ap.parse_args()
+    if args.compare:
+        runs = {}
+        for run in args.compare:
+            cfg = yaml.safe_load((run / "config.yaml").read_text())
+            runs[f"β={cfg['kl_coef']} ({cfg['advantage_estimator']})"] = read_metrics(run)
+        plot(runs, args.output)
+        return
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = args.output or ROOT / "bench-results" / f"ppo-default-{stamp}"
@@ -116,8 +135,7 @@ def main() -> None:
         env=env,
     )
     wall = time.monotonic() - start
-    metrics = [json.loads(x) for x in (out / "run" / "metrics.jsonl").read_text().splitlines()]
-    plot(metrics, out / "curves.png")
+    plot({f"β={args.kl_coef}": read_metrics(out)}, out / "curves.png")
     result = json.loads((out / "run" / "result.json").read_text())
     summary = {"cpu": cpu_name(), "cores": os.cpu_count(), "wall_s": round(wall, 1)} | result
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
