@@ -7,6 +7,8 @@ from typing import Any, Protocol
 
 import torch
 
+from rewardserve.modeling import pad_token_id
+
 
 class RolloutBackend(Protocol):
     def generate(
@@ -61,8 +63,7 @@ class TransformersRollout:
     def __init__(self, model: torch.nn.Module, tokenizer: Any, device: torch.device) -> None:
         self.model, self.tokenizer, self.device = model, tokenizer, device
         self.eos_ids = eos_token_ids(tokenizer, model)
-        pad = tokenizer.pad_token_id
-        self.pad_id = int(pad if pad is not None else next(iter(self.eos_ids), 0))
+        self.pad_id = pad_token_id(tokenizer)
 
     @torch.no_grad()
     def generate(

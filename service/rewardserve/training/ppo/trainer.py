@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from rewardserve.bon.service import policy_prompt_ids
+from rewardserve.modeling import pad_token_id
 from rewardserve.registry.dtypes import resolve_dtype
 from rewardserve.registry.manifest import ModelManifest, resolve_source
 from rewardserve.registry.repository import ModelRepository
@@ -102,7 +103,7 @@ class PPOTrainer:
         self.policy = PolicyWithValueHead(lm).to(self.device)
         self.reference = frozen_copy(lm).to(self.device)
         self.eos_ids = eos_token_ids(self.tokenizer, lm)
-        self.pad_id = int(self.tokenizer.pad_token_id or 0)
+        self.pad_id = pad_token_id(self.tokenizer)
         self.rollout = rollout or self._make_rollout(dtype)
 
         self.train_prompts, self.eval_prompts = c.split_prompts()

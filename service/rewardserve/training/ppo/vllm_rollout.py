@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from rewardserve.modeling import pad_token_id
 from rewardserve.policy.base import derive_seed
 from rewardserve.policy.vllm_backend import engine_options
 
@@ -288,7 +289,7 @@ def _benchmark(
     queries = chat_queries(tokenizer, prompts)
     torch_dtype = getattr(torch, dtype)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype).to(device).eval()
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     width = max(map(len, queries))
     input_ids = torch.tensor([[pad] * (width - len(q)) + q for q in queries], device=device)
     attention_mask = torch.tensor(
