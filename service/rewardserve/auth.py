@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -106,10 +107,24 @@ def bearer_token(authorization: str | bytes | None) -> bytes:
 
 
 class KeyRing:
-    """The configured keys. No keys: auth is off and every request holds every scope."""
+    """The configured keys, plus the short-lived ones the jobs manager grants its workers.
+    No configured keys: auth is off and every request holds every scope. One instance is
+    shared by both transports (Runtime.keyring), so a granted key works on REST and gRPC."""
 
     def __init__(self, keys: Iterable[ApiKey] = ()) -> None:
         self._keys = tuple(keys)
+        self._configured = bool(self._keys)
+
+    def grant(self, scopes: Iterable[str] = SCOPES) -> str:
+        """A new random key holding `scopes` until revoked (a job worker's, for one attempt).
+        Only its digest is kept. With auth off it is accepted like any other bearer."""
+        key = "rsw_" + secrets.token_urlsafe(32)
+        self._keys = (*self._keys, ApiKey(hashlib.sha256(key.encode()).digest(), frozenset(scopes)))
+        return key
+
+    def revoke(self, key: str) -> None:
+        d = hashlib.sha256(key.encode()).digest()
+        self._keys = tuple(k for k in self._keys if k.digest != d)
 
     @classmethod
     def from_entries(cls, entries: Iterable[str]) -> KeyRing:
@@ -117,12 +132,13 @@ class KeyRing:
 
     @property
     def enabled(self) -> bool:
-        return bool(self._keys)
+        """Whether keys were configured (granted worker keys alone do not turn auth on)."""
+        return self._configured
 
     def authorize(self, authorization: str | bytes | None, required: str) -> frozenset[str]:
         """The scopes the caller holds; Unauthenticated / PermissionDenied unless they meet
         `required` (a scope, ANY or OPEN)."""
-        if required == OPEN or not self._keys:
+        if required == OPEN or not self._configured:
             return frozenset(SCOPES)
         given = hashlib.sha256(bearer_token(authorization)).digest()
         granted: frozenset[str] = frozenset()

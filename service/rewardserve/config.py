@@ -167,6 +167,58 @@ class Settings(BaseSettings):
     policy_api_key: str | None = None
     """Remote (openai) policies: bearer token sent to the completions server."""
 
+    data_dir: Path = Path("rewardserve-data")
+    """The service's own state: jobs.sqlite (job state, WAL), one folder per job under jobs/
+    (checkpoints, metrics, logs) and the files jobs may read (prompts_file, reward data),
+    which must lie inside it."""
+
+    jobs_enabled: bool = True
+    """Serve the jobs API (/v1/jobs, gRPC JobService) and run the jobs manager."""
+
+    job_runner: Literal["local", "ray"] = "local"
+    """Where job workers run. local: one child process per job on this machine; ray: each
+    attempt is submitted through Ray's job submission API to --ray-address (the data
+    directory and the model repository must be on a filesystem the Ray nodes share)."""
+
+    ray_address: str | None = None
+    """Ray job submission address (the dashboard's, e.g. http://127.0.0.1:8265) for
+    --job-runner ray."""
+
+    job_service_host: str | None = None
+    """Host name workers use to reach this service (REST and gRPC). None: --host, or
+    127.0.0.1 when --host is a wildcard address. Set it for Ray nodes on other machines."""
+
+    max_running_jobs: int = Field(1, ge=1)
+    """Jobs running at once; more wait in the queue, started in submission order."""
+
+    job_max_restarts: int = Field(2, ge=0)
+    """Times a job whose worker died (killed, out of memory) is restarted from its newest
+    checkpoint before it fails with the reason."""
+
+    job_torch_threads: int = Field(1, ge=1)
+    """Local runner: torch threads of each worker (a job's `resources.cpus` may ask for
+    more, up to this machine's cores). Few, so that scoring stays responsive."""
+
+    job_nice: int = Field(10, ge=0, le=19)
+    """Local runner: CPU niceness of worker processes: serving wins the cores when both
+    want them."""
+
+    job_checkpoint_every: int = Field(10, ge=1)
+    """Checkpoint interval (steps) of PPO jobs whose config sets no checkpoint_every:
+    what a restarted worker loses at most."""
+
+    job_max_total_steps: int = Field(10_000, ge=1)
+    """Most total_steps a PPO job may ask for (reward jobs: optimiser steps)."""
+
+    job_max_sequences_per_step: int = Field(1024, ge=1)
+    """Most sequences (batch_size x samples_per_prompt) one PPO step may generate."""
+
+    job_max_prompts: int = Field(100_000, ge=1)
+    """Most training prompts (PPO) or preference pairs (reward) one job may carry."""
+
+    job_stop_grace_s: float = Field(5.0, ge=0)
+    """Cancel: how long a worker has after SIGTERM before it is killed."""
+
     api_keys: Annotated[list[str], NoDecode] = []
     """API keys as `key` (all scopes) or `key:score,admin`; `sha256:<hex digest of the key>`
     in place of a key keeps the plaintext out of the configuration. When any is set, every

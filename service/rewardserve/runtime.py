@@ -16,6 +16,7 @@ from rewardserve.schemas.models import ModelInfo
 class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.keyring = settings.keyring()  # one for both transports and the jobs manager
         self.repository = ModelRepository.from_settings(settings)
         self.scoring = ScoringEngine(settings, self.repository)
         self.policies = PolicyManager(settings, self.repository)

@@ -23,7 +23,7 @@ class GrpcServer:
     def __init__(self, settings: Settings, runtime: Runtime) -> None:
         self.settings, self.runtime = settings, runtime
         self.server = grpc.aio.server(
-            interceptors=[ApiKeyInterceptor(settings.keyring()), SafeDecoding()],
+            interceptors=[ApiKeyInterceptor(runtime.keyring), SafeDecoding()],
             options=[
                 ("grpc.max_receive_message_length", settings.max_body_bytes),
                 ("grpc.max_send_message_length", 64 * 1024 * 1024),

@@ -40,7 +40,7 @@ def build_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     # Each add wraps the last: Metrics(Authenticate(BodyGuard(app))), so the key is checked
     # before BodyGuard reads a byte of the body.
     app.add_middleware(BodyGuard, limit=settings.max_body_bytes)
-    keys, open_paths = settings.keyring(), schema_paths(app)
+    keys, open_paths = shared.keyring, schema_paths(app)
     app.add_middleware(Authenticate, keys=keys, routes=app.router.routes, open_paths=open_paths)
     app.add_middleware(Metrics)
     return app

@@ -51,6 +51,13 @@ class NotFound(ServiceError):
     code, http_status, grpc_status = "not_found", 404, "NOT_FOUND"
 
 
+class Conflict(ServiceError):
+    """The request clashes with the resource's state (cancel a finished job, an idempotency
+    key reused with another body, a report from a worker that is no longer the job's)."""
+
+    code, http_status, grpc_status = "conflict", 409, "FAILED_PRECONDITION"
+
+
 class PayloadTooLarge(ServiceError):
     code, http_status, grpc_status = "payload_too_large", 413, "RESOURCE_EXHAUSTED"
 
