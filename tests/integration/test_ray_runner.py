@@ -239,16 +239,19 @@ async def test_unknown_ref_is_gone(runner: RayRunner, tmp_path: Path) -> None:
     assert await runner.logs(ref, tmp_path / "none.log") == ""
 
 
-def test_check_refuses_what_no_node_has(runner: RayRunner) -> None:
+def test_check_refuses_what_no_node_has(runner: RayRunner, ray_head: str) -> None:
     runner.check(Resources(cpus=2))
     runner.check(Resources(cpus=0.5, memory_gib=0.5))
-    for resources, field in [
-        (Resources(gpus=1), "resources.gpus"),
-        (Resources(cpus=3), "resources.cpus"),
-        (Resources(memory_gib=4000), "resources.memory_gib"),
+    threads4 = RayRunner(Settings(job_runner="ray", ray_address=ray_head, job_torch_threads=4))
+    for who, resources, field in [
+        (runner, Resources(gpus=1), "resources.gpus"),
+        (runner, Resources(cpus=3), "resources.cpus"),
+        (runner, Resources(memory_gib=4000), "resources.memory_gib"),
+        # No cpus: launch would ask --job-torch-threads (4) of the 2-CPU node.
+        (threads4, Resources(), "resources.cpus"),
     ]:
         with pytest.raises(InvalidArgument) as err:
-            runner.check(resources)
+            who.check(resources)
         assert err.value.field == field
 
 

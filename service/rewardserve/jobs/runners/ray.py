@@ -137,7 +137,14 @@ class RayRunner:
             return
         asked = [
             ("resources.gpus", "GPU", resources.gpus, 1.0, "GPUs"),
-            ("resources.cpus", "CPU", resources.cpus or 0.0, 1.0, "CPUs"),
+            # No cpus: launch asks --job-torch-threads, which a node must have too.
+            (
+                "resources.cpus",
+                "CPU",
+                resources.cpus or self._settings.job_torch_threads,
+                1.0,
+                "CPUs",
+            ),
             ("resources.memory_gib", "memory", resources.memory_gib or 0.0, 2**30, "GiB"),
         ]
         for field, key, want, unit, words in asked:
