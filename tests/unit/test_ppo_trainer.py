@@ -247,3 +247,34 @@ def test_cut_at_eos() -> None:
     assert cut_at_eos([5, 6, 2, 2, 2], {2}) == [5, 6, 2]
     assert cut_at_eos([5, 6, 7], {2}) == [5, 6, 7]
     assert cut_at_eos([9, 5, 3], {2, 3}) == [9, 5, 3]
+
+
+def test_step_and_checkpoint_hooks(repo: Path, rm: Any, tmp_path: Path) -> None:
+    cfg = config(repo, tmp_path, total_steps=3, checkpoint_every=2, eval_fraction=0)
+    steps: list[tuple[dict[str, Any], list[tuple[str, str, float]]]] = []
+    saved: list[tuple[int, Path]] = []
+    trainer = PPOTrainer(cfg, rm)
+    try:
+        trainer.train(
+            on_step=lambda m, s: steps.append((dict(m), list(s))),
+            on_checkpoint=lambda step, path: saved.append((step, path)),
+        )
+    finally:
+        trainer.close()
+    written = read_metrics(tmp_path / "metrics.jsonl")
+    assert [m["step"] for m, _ in steps] == [1, 2, 3]
+    assert [m for m, _ in steps] == written  # called once each step's metrics are written
+    for _, samples in steps:
+        # one response of each of the first 4 prompts (batch_size 4): text, reply, raw reward
+        assert len(samples) == 4
+        for prompt, response, reward in samples:
+            assert prompt and isinstance(response, str) and isinstance(reward, float)
+    assert [step for step, _ in saved] == [2]
+    assert (saved[0][1] / "policy.pt").is_file()
+    # messages prompts are shown by their last message, not as an object's repr
+    shown = {p for _, s in steps for p, _, _ in s}
+    assert shown <= {
+        "Tell me a story.",
+        "Is the sky blue?",
+        *[p for p in PROMPTS if isinstance(p, str)],
+    }

@@ -25,6 +25,7 @@ from rewardserve.training.reward.trainer import (
     bucketed_batches,
     freeze_lower,
     linear_schedule,
+    optimiser_steps,
     train_reward_model,
 )
 
@@ -351,3 +352,23 @@ def test_output_that_is_a_file_is_refused_before_training(
     (tmp_path / "out").write_text("not a folder")
     with pytest.raises(FileExistsError):
         train_reward_model(_config(tiny_backbone, data, tmp_path / "out"), progress=False)
+
+
+def test_on_step_every_optimiser_step(tiny_backbone: Path, tmp_path: Path) -> None:
+    data = _write_pairs(tmp_path / "pairs.jsonl", 30, seed=3)
+    cfg = _config(tiny_backbone, data, tmp_path / "out", epochs=2, batch_size=8)
+    calls: list[tuple[int, int, dict[str, Any]]] = []
+    report = train_reward_model(cfg, progress=False, on_step=lambda *a: calls.append(a))
+    # 30 pairs, 0.25 held out: 22 train, ceil(22 / 8) = 3 steps an epoch
+    assert report["steps"] == 6 == optimiser_steps(22, 8, 2)
+    assert [c[0] for c in calls] == list(range(1, 7))
+    assert {c[1] for c in calls} == {6}
+    for _, _, m in calls:
+        assert {"loss", "running_accuracy", "running_loss", "lr", "epoch"} <= set(m)
+    assert [m["epoch"] for _, _, m in calls] == [1, 1, 1, 2, 2, 2]
+    # an epoch's last step carries its held-out accuracy: the report's learning curve
+    with_eval = [m for _, _, m in calls if "eval_accuracy" in m]
+    assert [m["step"] for m in with_eval] == [3, 6]
+    assert [m["eval_accuracy"] for m in with_eval] == [
+        e["eval_accuracy"] for e in report["epoch_log"]
+    ]

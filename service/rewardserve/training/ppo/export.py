@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from rewardserve.registry.manifest import MANIFEST_NAME, ModelManifest, load_manifest
+from rewardserve.registry.manifest import ModelManifest
+from rewardserve.training.publish import WEIGHTS, free_name, publish_model
 
-WEIGHTS = "weights"
-
-
-def free_name(root: Path, name: str) -> str:
-    """`name`, or `name-2`, `name-3`, ... where a folder of that name already exists: an export
-    never replaces a model."""
-    candidate, i = name, 1
-    while (root / candidate).exists():
-        i += 1
-        candidate = f"{name}-{i}"
-    return candidate
+__all__ = ["WEIGHTS", "export_policy", "free_name"]
 
 
 def export_policy(
@@ -36,21 +25,17 @@ def export_policy(
     included, into <root>/<name>/weights with a model.yaml beside them that the repository
     reads as a policy. Written under a temporary name and renamed, so the repository never
     sees half an export."""
-    tmp = root / f".{name}.export"
-    shutil.rmtree(tmp, ignore_errors=True)
-    lm.save_pretrained(tmp / WEIGHTS, safe_serialization=True)
-    tokenizer.save_pretrained(tmp / WEIGHTS)
-    manifest = {
-        "name": name,
+
+    def write(folder: Path) -> None:
+        lm.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+
+    manifest: dict[str, Any] = {
         "kind": "policy",
         "description": description,
-        "source": {"kind": "repository", "path": WEIGHTS},
         "max_length": base.max_length,
         "dtype": base.dtype,
     }
     if base.policy is not None:
         manifest["policy"] = base.policy.model_dump(exclude_none=True)
-    (tmp / MANIFEST_NAME).write_text(yaml.safe_dump(manifest, sort_keys=False))
-    final = root / name
-    tmp.rename(final)
-    return load_manifest(final)
+    return publish_model(root, name, write, manifest)

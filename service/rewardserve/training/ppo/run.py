@@ -13,7 +13,7 @@ from rewardserve.training.ppo.evaluate import evaluate
 from rewardserve.training.ppo.export import export_policy, free_name
 from rewardserve.training.ppo.rewards import RewardSource
 from rewardserve.training.ppo.rollout import RolloutBackend, TransformersRollout
-from rewardserve.training.ppo.trainer import PPOTrainer, step_seed
+from rewardserve.training.ppo.trainer import CheckpointHook, PPOTrainer, StepHook, step_seed
 
 
 def build_reward(
@@ -84,12 +84,15 @@ def run_ppo(
     resume: bool = False,
     progress: bool = False,
     rollout: RolloutBackend | None = None,
+    on_step: StepHook | None = None,
+    on_checkpoint: CheckpointHook | None = None,
 ) -> dict[str, Any]:
-    """Train, export, evaluate; the result (also written to <output_dir>/result.json)."""
+    """Train, export, evaluate; the result (also written to <output_dir>/result.json).
+    `on_step` / `on_checkpoint`: PPOTrainer.train's progress hooks."""
     started = time.perf_counter()
     trainer = PPOTrainer(config, reward, rollout, output_dir=output_dir, progress=progress)
     try:
-        final = trainer.train(resume=resume)
+        final = trainer.train(resume=resume, on_step=on_step, on_checkpoint=on_checkpoint)
         result = {
             "steps": trainer.step,
             "episodes": trainer.episode,

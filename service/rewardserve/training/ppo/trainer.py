@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -47,6 +48,15 @@ from rewardserve.training.ppo.update import Rollouts, ppo_update
 
 log = logging.getLogger(__name__)
 
+SAMPLES_KEPT = 4
+SAMPLE_PROMPT_CHARS = 500
+
+# on_step(metrics, samples): after each step's metrics are written; samples are up to
+# SAMPLES_KEPT (prompt text, response text, raw reward) of the step's rollouts.
+StepHook = Callable[[dict[str, Any], list[tuple[str, str, float]]], None]
+# on_checkpoint(step, folder): after a checkpoint is saved.
+CheckpointHook = Callable[[int, Path], None]
+
 
 def pick_device(kind: str) -> torch.device:
     if kind == "auto":
@@ -64,6 +74,15 @@ RESUMABLE_CHANGES = frozenset(
 def changed_fields(saved: dict[str, Any], config: PPOConfig) -> list[str]:
     now = config.model_dump(mode="json")
     return sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
+
+
+def prompt_display(prompt: Any) -> str:
+    """A short text for a prompt in progress reports: its text, or its last message's."""
+    text = getattr(prompt, "prompt", None)
+    if text is None:
+        messages = getattr(prompt, "messages", None) or []
+        text = messages[-1].content if messages else str(prompt)
+    return text if len(text) <= SAMPLE_PROMPT_CHARS else "..." + text[-SAMPLE_PROMPT_CHARS:]
 
 
 def step_seed(seed: int, step: int, salt: int = 0) -> int:
@@ -128,6 +147,7 @@ class PPOTrainer:
         self.step, self.episode = 0, 0
         self.run_id = time.strftime("%Y%m%d-%H%M%S")
         self.last_metrics: dict[str, Any] = {}
+        self.last_samples: list[tuple[str, str, float]] = []
 
     # ---- set-up --------------------------------------------------------------------------
     def _make_rollout(self, dtype: str) -> RolloutBackend:
@@ -234,6 +254,11 @@ class PPOTrainer:
         texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
         raw = self.reward.score(prompts, texts)
         t2 = time.perf_counter()
+        # one response of each of the first prompts: the samples a watcher reads
+        k = c.samples_per_prompt
+        self.last_samples = [
+            (prompt_display(prompts[i]), texts[i], float(raw[i])) for i in range(0, len(texts), k)
+        ][:SAMPLES_KEPT]
 
         mask = batch.mask
         has_eos = torch.tensor([bool(r) and r[-1] in self.eos_ids for r in responses])
@@ -324,10 +349,18 @@ class PPOTrainer:
         return step
 
     # ---- the run -------------------------------------------------------------------------
-    def train(self, resume: bool = False, stop_at: int | None = None) -> dict[str, Any]:
+    def train(
+        self,
+        resume: bool = False,
+        stop_at: int | None = None,
+        *,
+        on_step: StepHook | None = None,
+        on_checkpoint: CheckpointHook | None = None,
+    ) -> dict[str, Any]:
         """Run to total_steps (from the newest checkpoint when `resume`), or stop after step
         `stop_at` (an interruption: the schedule still runs to total_steps); the last step's
-        metrics."""
+        metrics. `on_step` and `on_checkpoint` are called after each step's metrics are
+        written and after each checkpoint is saved (the jobs worker reports them)."""
         c = self.config
         resumed = self.resume() if resume else None
         if resume and resumed is None:
@@ -343,8 +376,12 @@ class PPOTrainer:
                     self.last_metrics = self.train_step()
                     metrics.write(self.last_metrics)
                     bar.update(self.last_metrics)
+                    if on_step is not None:
+                        on_step(self.last_metrics, self.last_samples)
                     if c.checkpoint_every and self.step % c.checkpoint_every == 0:
-                        self.save()
+                        folder = self.save()
+                        if on_checkpoint is not None:
+                            on_checkpoint(self.step, folder)
         finally:
             metrics.close()
         return self.last_metrics

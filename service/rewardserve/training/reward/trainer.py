@@ -15,7 +15,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,16 @@ from rewardserve.training.reward.config import RewardTrainingConfig
 from rewardserve.training.reward.data import PreferencePair, load_pairs, split_pairs
 
 log = logging.getLogger(__name__)
+
+# on_step(step, total_steps, metrics): after each optimiser step. metrics: loss (the step's),
+# running_accuracy and running_loss (the epoch's so far), lr, epoch; the last step of an epoch
+# also carries the held-out eval_accuracy when it is measured.
+RewardStepHook = Callable[[int, int, dict[str, Any]], None]
+
+
+def optimiser_steps(train_pairs: int, batch_size: int, epochs: int) -> int:
+    """The optimiser steps of a run: every epoch's batches, the last one possibly short."""
+    return math.ceil(train_pairs / batch_size) * epochs
 
 
 def bradley_terry_loss(
@@ -273,8 +283,11 @@ def _write_output(
         raise
 
 
-def train_reward_model(cfg: RewardTrainingConfig, progress: bool = True) -> dict[str, Any]:
+def train_reward_model(
+    cfg: RewardTrainingConfig, progress: bool = True, on_step: RewardStepHook | None = None
+) -> dict[str, Any]:
     """Train a reward model as `cfg` says, write it to `cfg.output`, return the report.
+    `on_step`: called after every optimiser step (RewardStepHook).
 
     The output folder holds the model (safetensors), its tokenizer, "mean" and "std" of the
     training rewards in config.json (the service normalises with them) and
@@ -298,8 +311,7 @@ def train_reward_model(cfg: RewardTrainingConfig, progress: bool = True) -> dict
         pair_lengths = [max(len(c), len(r)) for c, r in zip(train_c, train_r, strict=True)]
 
         rng = random.Random(cfg.seed)
-        steps_per_epoch = math.ceil(len(train_pairs) / cfg.batch_size)
-        total_steps = steps_per_epoch * cfg.epochs
+        total_steps = optimiser_steps(len(train_pairs), cfg.batch_size, cfg.epochs)
         warmup_steps = round(cfg.warmup_ratio * total_steps)
         optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.learning_rate)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -321,6 +333,14 @@ def train_reward_model(cfg: RewardTrainingConfig, progress: bool = True) -> dict
             return rewards[: len(chosen)], rewards[len(chosen) :]
 
         epoch_log: list[dict[str, Any]] = []
+        step = 0
+        # the last step of an epoch is reported once its held-out accuracy is known
+        held_back: dict[str, Any] | None = None
+
+        def report_step(metrics: dict[str, Any]) -> None:
+            if on_step is not None:
+                on_step(metrics["step"], total_steps, metrics)
+
         train_started = time.perf_counter()
         model.train()
         with _make_progress(progress) as bar:
@@ -328,7 +348,7 @@ def train_reward_model(cfg: RewardTrainingConfig, progress: bool = True) -> dict
                 batches = bucketed_batches(pair_lengths, cfg.batch_size, cfg.bucket_batches, rng)
                 task = bar.add_task(f"epoch {epoch}/{cfg.epochs}", total=len(batches), stats="")
                 loss_sum, correct, seen = 0.0, 0, 0
-                for batch in batches:
+                for n_batch, batch in enumerate(batches, start=1):
                     seqs = [train_c[i].input_ids for i in batch]
                     seqs += [train_r[i].input_ids for i in batch]
                     rewards = _rewards(model, seqs, pad_id)
@@ -349,6 +369,19 @@ def train_reward_model(cfg: RewardTrainingConfig, progress: bool = True) -> dict
                         advance=1,
                         stats=f"loss {loss_sum / seen:.4f}  acc {correct / seen:.3f}",
                     )
+                    step += 1
+                    metrics = {
+                        "step": step,
+                        "epoch": epoch,
+                        "loss": float(loss.detach()),
+                        "running_loss": loss_sum / seen,
+                        "running_accuracy": correct / seen,
+                        "lr": scheduler.get_last_lr()[0],
+                    }
+                    if n_batch < len(batches):
+                        report_step(metrics)
+                    else:
+                        held_back = metrics
                 entry: dict[str, Any] = {
                     "epoch": epoch,
                     "train_loss": loss_sum / seen,
@@ -357,6 +390,10 @@ def train_reward_model(cfg: RewardTrainingConfig, progress: bool = True) -> dict
                 if eval_pairs and cfg.eval_each_epoch and epoch < cfg.epochs:
                     e_c, e_r = evaluate(eval_c, eval_r, bar, "held-out")
                     entry["eval_accuracy"] = _accuracy(e_c, e_r)
+                    assert held_back is not None
+                    held_back["eval_accuracy"] = entry["eval_accuracy"]
+                if epoch < cfg.epochs and held_back is not None:
+                    report_step(held_back)
                 epoch_log.append(entry)
                 log.info("epoch %s", entry)
                 if progress:
@@ -375,6 +412,10 @@ def train_reward_model(cfg: RewardTrainingConfig, progress: bool = True) -> dict
                 eval_accuracy = _accuracy(e_c, e_r)
                 eval_loss = float(bradley_terry_loss(e_c, e_r))  # plain BT: comparable across runs
                 epoch_log[-1]["eval_accuracy"] = eval_accuracy
+            if held_back is not None:
+                if eval_accuracy is not None:
+                    held_back["eval_accuracy"] = eval_accuracy
+                report_step(held_back)
             # The split shuffled the pairs, so a prefix is a random subset.
             n_stats = min(len(train_pairs), cfg.stats_max_pairs or len(train_pairs))
             t_c, t_r = evaluate(train_c[:n_stats], train_r[:n_stats], bar, "train rewards")
