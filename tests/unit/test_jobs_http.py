@@ -18,19 +18,33 @@ from typing import Any
 import httpx
 import matplotlib.image
 import pytest
+import schemathesis
 import uvicorn
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
 from jobs_fake import ADMIN_KEY, SCORE_KEY, FakeJobManager, fake_runtime
 from rewardserve.config import Settings
 from rewardserve.http.app import build_app
 from rewardserve.http.routers import jobs as jobs_router
 from rewardserve.jobs.enabled import DISABLED
+from rewardserve.schemas.jobs import JobCreate
 from servers import free_port
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 PPO = {"type": "ppo", "config": {"total_steps": 3}, "prompts": ["hello"]}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 USER = [{"role": "user", "content": "hi"}]
+CONFORMANCE = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_schema_conformance,
+]
 
 
 def app_for(manager: FakeJobManager | None):
@@ -454,3 +468,35 @@ def test_the_schema_documents_each_job_route_and_its_content_types() -> None:
     assert list(ok["/v1/jobs/{job_id}/events"]) == ["text/event-stream"]
     assert list(ok["/v1/jobs/{job_id}/plot.png"]) == ["image/png"]
     assert list(ok["/v1/jobs/{job_id}/logs"]) == ["text/plain"]
+
+
+def test_success_answers_match_the_schema() -> None:
+    """Schemathesis' conformance checks (status, content type, body) on each route's success
+    answer; the fuzz test (tests/integration/test_fuzz.py) mostly meets their errors."""
+    manager = FakeJobManager()
+    job, _ = asyncio.run(manager.create(JobCreate(type="ppo", prompts=["p"])))
+    ended, _ = asyncio.run(manager.create(JobCreate(type="reward")))
+    manager.set_status(job.id, "running", attempt=1)
+    for step in (1, 2):
+        manager.step(job.id, step, {"objective/kl": 0.1, "kl_coef": 0.05})
+    manager.set_status(ended.id, "cancelled", attempt=1)
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app_for(manager))
+    report = {"attempt": 1, "kind": "log", "message": "m"}
+    cases = [
+        ("/v1/jobs", "POST", {"body": PPO}),
+        ("/v1/jobs", "GET", {"query": {"status": "running,queued", "limit": 1}}),
+        ("/v1/jobs/{job_id}", "GET", {}),
+        ("/v1/jobs/{job_id}/metrics", "GET", {}),
+        ("/v1/jobs/{job_id}/metrics", "GET", {"query": {"format": "csv"}}),
+        ("/v1/jobs/{job_id}/plot.png", "GET", {}),
+        ("/v1/jobs/{job_id}/logs", "GET", {"query": {"tail_bytes": 10}}),
+        ("/v1/jobs/{job_id}/report", "POST", {"body": report}),
+        ("/v1/jobs/{job_id}/resume", "POST", {"job_id": ended.id}),
+        ("/v1/jobs/{job_id}/cancel", "POST", {}),
+        ("/v1/jobs/{job_id}/events", "GET", {}),  # after cancel: the stream ends
+    ]
+    for path, method, kwargs in cases:
+        ids = {"job_id": kwargs.pop("job_id", job.id)} if "{" in path else None
+        case = schema[path][method].Case(path_parameters=ids, headers=dict(ADMIN), **kwargs)
+        response = case.call_and_validate(checks=CONFORMANCE)
+        assert response.status_code < 300, (path, response.text)

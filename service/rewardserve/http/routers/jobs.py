@@ -12,7 +12,7 @@ import io
 import json
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import PlainTextResponse
@@ -25,7 +25,15 @@ from rewardserve.http.errors import BODY_ERRORS, documented
 from rewardserve.jobs.plot import plot_png
 from rewardserve.schemas.errors import InvalidArgument
 from rewardserve.schemas.job_query import DEFAULT_LIMIT, MAX_LIMIT, STATUSES, list_query
-from rewardserve.schemas.jobs import Job, JobCreate, JobList, JobType, WorkerReport
+from rewardserve.schemas.jobs import (
+    EventType,
+    Job,
+    JobCreate,
+    JobEvent,
+    JobList,
+    JobType,
+    WorkerReport,
+)
 
 router = APIRouter(tags=["jobs"], dependencies=[Depends(require("admin"))])
 
@@ -43,6 +51,22 @@ def _text(media_type: str, description: str) -> dict[int | str, dict[str, Any]]:
     return {
         200: {"description": description, "content": {media_type: {"schema": {"type": "string"}}}}
     }
+
+
+# Each server-sent event as OpenAPI describes a stream's items (schemathesis checks them).
+SSE_EVENT = {
+    "type": "object",
+    "required": ["id", "event", "data"],
+    "properties": {
+        "id": {"type": "string", "pattern": "^[0-9]+$"},
+        "event": {"type": "string", "enum": list(get_args(EventType))},
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "contentSchema": JobEvent.model_json_schema(),
+        },
+    },
+}
 
 
 class MetricsList(BaseModel):
@@ -155,7 +179,13 @@ def last_event_id(header: str | None, after: int) -> int:
 @router.get(
     "/v1/jobs/{job_id}/events",
     response_class=Response,
-    responses={**_text("text/event-stream", "Server-sent JobEvents"), **documented(*WITH_ID)},
+    responses={
+        200: {
+            "description": "Server-sent JobEvents",
+            "content": {"text/event-stream": {"schema": SSE_EVENT}},
+        },
+        **documented(*WITH_ID),
+    },
 )
 async def job_events(
     job_id: str,
