@@ -7,7 +7,7 @@ from typing import Any
 
 import grpc
 
-from rewardserve.auth import FIELD, OPEN, SCORE, UNDECLARED, KeyRing
+from rewardserve.auth import ADMIN, FIELD, OPEN, SCORE, UNDECLARED, KeyRing
 from rewardserve.schemas.errors import ServiceError
 
 # Every RPC of rewardserve.v1 by full method name. An RPC missing here needs admin
@@ -19,6 +19,12 @@ RPC_SCOPES: dict[str, str] = {
     "/rewardserve.v1.BestOfNService/BestOfN": SCORE,
     "/rewardserve.v1.BestOfNService/BestOfNStream": SCORE,
     "/rewardserve.v1.BestOfNService/Rerank": SCORE,
+    "/rewardserve.v1.JobService/CreateJob": ADMIN,
+    "/rewardserve.v1.JobService/GetJob": ADMIN,
+    "/rewardserve.v1.JobService/ListJobs": ADMIN,
+    "/rewardserve.v1.JobService/CancelJob": ADMIN,
+    "/rewardserve.v1.JobService/ResumeJob": ADMIN,
+    "/rewardserve.v1.JobService/WatchJob": ADMIN,
 }
 # Whole services without a key: health (for probes) and reflection, which describes the API
 # and holds no data, as /openapi.json does on REST.

@@ -11,12 +11,21 @@ from grpc_reflection.v1alpha import reflection
 from rewardserve.config import Settings
 from rewardserve.grpc.auth import ApiKeyInterceptor
 from rewardserve.grpc.decoding import SafeDecoding
+from rewardserve.grpc.jobs_servicer import JobServicer
 from rewardserve.grpc.servicers import BestOfNServicer, RewardServicer
 from rewardserve.runtime import Runtime
-from rewardserve.v1 import bon_pb2, bon_pb2_grpc, scoring_pb2, scoring_pb2_grpc
+from rewardserve.v1 import (
+    bon_pb2,
+    bon_pb2_grpc,
+    jobs_pb2,
+    jobs_pb2_grpc,
+    scoring_pb2,
+    scoring_pb2_grpc,
+)
 
 SERVICE_NAME = scoring_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name
 BON_SERVICE_NAME = bon_pb2.DESCRIPTOR.services_by_name["BestOfNService"].full_name
+JOB_SERVICE_NAME = jobs_pb2.DESCRIPTOR.services_by_name["JobService"].full_name
 
 
 class GrpcServer:
@@ -31,10 +40,17 @@ class GrpcServer:
         )
         scoring_pb2_grpc.add_RewardServiceServicer_to_server(RewardServicer(runtime), self.server)
         bon_pb2_grpc.add_BestOfNServiceServicer_to_server(BestOfNServicer(runtime), self.server)
+        jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(runtime), self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, BON_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+            (
+                SERVICE_NAME,
+                BON_SERVICE_NAME,
+                JOB_SERVICE_NAME,
+                health.SERVICE_NAME,
+                reflection.SERVICE_NAME,
+            ),
             self.server,
         )
         self.port = self.server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
@@ -65,7 +81,7 @@ class GrpcServer:
             if serving
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
-        for name in ("", SERVICE_NAME, BON_SERVICE_NAME):
+        for name in ("", SERVICE_NAME, BON_SERVICE_NAME, JOB_SERVICE_NAME):
             await self.health.set(name, status)
 
     async def stop(self, grace: float = 5.0) -> None:

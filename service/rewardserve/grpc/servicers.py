@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from typing import TypeVar
 
 import grpc
@@ -47,6 +48,23 @@ async def unary(
     finally:
         metrics.REQUESTS.labels("grpc", name, code).inc()
         metrics.LATENCY.labels("grpc", name).observe(time.perf_counter() - started)
+
+
+async def streaming(
+    name: str, context: grpc.aio.ServicerContext, work: AsyncGenerator[T, None]
+) -> AsyncIterator[T]:
+    """Run a server-streaming RPC's work: an error ends the stream with the matching status,
+    every call is counted once. Closing this closes `work` (a cancelled call stops it)."""
+    code = "OK"
+    try:
+        async with aclosing(work) as items:
+            async for item in items:
+                yield item
+    except ServiceError as e:
+        code = e.grpc_status
+        await abort_with(context, e)
+    finally:
+        metrics.REQUESTS.labels("grpc", name, code).inc()
 
 
 def _timeout(context: grpc.aio.ServicerContext) -> float | None:
@@ -138,19 +156,18 @@ class BestOfNServicer(bon_grpc.BestOfNServiceServicer):
         self, request: bon_pb.BestOfNRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bon_pb.BestOfNEvent]:
         """Each candidate as soon as it is scored, then the result."""
-        code = "OK"
         deadline = self._deadline(context)
-        try:
+
+        async def events() -> AsyncIterator[bon_pb.BestOfNEvent]:
             async for event in self.bon.stream(convert.bon_request(request), deadline):
                 if isinstance(event, BestOfNResponse):
                     yield bon_pb.BestOfNEvent(result=convert.bon_response(event))
                 else:
                     yield convert.bon_event(event)
-        except ServiceError as e:
-            code = e.grpc_status
-            await abort_with(context, e)
-        finally:
-            metrics.REQUESTS.labels("grpc", "BestOfNStream", code).inc()
+
+        async with aclosing(streaming("BestOfNStream", context, events())) as stream:
+            async for event in stream:
+                yield event
 
     async def Rerank(
         self, request: bon_pb.RerankRequest, context: grpc.aio.ServicerContext

@@ -12,7 +12,7 @@ from rewardserve.config import Settings
 from rewardserve.http.auth import Authenticate
 from rewardserve.http.errors import install_error_handlers
 from rewardserve.http.middleware import BodyGuard, Metrics
-from rewardserve.http.routers import bon, compat, health, models, scoring
+from rewardserve.http.routers import bon, compat, health, jobs, models, scoring
 from rewardserve.runtime import Runtime
 
 
@@ -35,7 +35,7 @@ def build_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     app = FastAPI(title="rewardserve", version=__version__, lifespan=lifespan)
     app.state.runtime = shared
     install_error_handlers(app)
-    for module in (health, scoring, bon, models, compat):
+    for module in (health, scoring, bon, models, compat, jobs):
         app.include_router(module.router)
     # Each add wraps the last: Metrics(Authenticate(BodyGuard(app))), so the key is checked
     # before BodyGuard reads a byte of the body.

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from fastapi import Request
 
 from rewardserve.engine.scoring import ScoringEngine
+from rewardserve.jobs.enabled import manager_of
 from rewardserve.runtime import Runtime
 from rewardserve.schemas.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from rewardserve.jobs.manager import JobManager
 
 TIMEOUT_HEADER = "x-request-timeout"
 
@@ -17,6 +23,11 @@ def runtime(request: Request) -> Runtime:
 
 def scoring(request: Request) -> ScoringEngine:
     return runtime(request).scoring
+
+
+def jobs(request: Request) -> JobManager:
+    """The jobs manager; Unavailable when this service runs without one."""
+    return manager_of(runtime(request))
 
 
 def timeout_s(request: Request) -> float | None:

@@ -86,15 +86,43 @@ class Unavailable(ServiceError):
     code, http_status, grpc_status = "unavailable", 503, "UNAVAILABLE"
 
 
+# Where FastAPI says a request parameter came from (the first part of its loc); a body's
+# own fields may have the same names (compat's `query`), so only a leading one is dropped.
+PARAM_SOURCES = ("query", "path", "header", "cookie")
+
+
 def field_path(loc: Sequence[Any]) -> str:
-    """('body', 'items', 3, 'text') -> 'items.3.text' (union branch names dropped)."""
+    """('body', 'items', 3, 'text') -> 'items.3.text', ('query', 'limit') -> 'limit' (union
+    branch names dropped)."""
+    if loc and loc[0] in PARAM_SOURCES:
+        loc = loc[1:]
     parts = [str(p) for p in loc if p != "body" and not (isinstance(p, str) and "[" in p)]
     return ".".join(parts)
 
 
+# Each branch of a union reports its own failure, tagged with the branch's type. Beside a
+# structured branch (`StrictStr | PromptInput`'s PromptInput), the scalar one only says "not a
+# string" (tagged 'str'): the structured branch's error names the real field.
+SCALAR_BRANCHES = frozenset({"str", "int", "float", "bool", "bytes"})
+
+
+def _scalar_branch_beside_another(err: dict[str, Any], errors: Sequence[dict[str, Any]]) -> bool:
+    loc = tuple(err.get("loc", ()))
+    for i, part in enumerate(loc):
+        if part in SCALAR_BRANCHES and any(
+            len(o_loc := tuple(o.get("loc", ()))) > i
+            and o_loc[:i] == loc[:i]
+            and o_loc[i] not in SCALAR_BRANCHES
+            for o in errors
+        ):
+            return True
+    return False
+
+
 def from_validation_errors(errors: Sequence[dict[str, Any]]) -> Unprocessable:
-    """The first pydantic error as an Unprocessable naming its field."""
-    first = errors[0]
+    """The first pydantic error as an Unprocessable naming its field (a union's scalar branch
+    skipped when another branch failed too)."""
+    first = next((e for e in errors if not _scalar_branch_beside_another(e, errors)), errors[0])
     path = field_path(first.get("loc", ()))
     msg = first.get("msg", "invalid value")
     return Unprocessable(f"{path or 'body'}: {msg}", field=path or "body")
