@@ -449,9 +449,40 @@ async def test_the_loop_is_supervised(make) -> None:
     h.manager.wake()
     await until(lambda: not h.manager.ready)
     assert "jobs scheduler failed" in h.manager.failure
+    h.runtime.jobs = h.manager  # as the runtime holds it when jobs are enabled
+    assert h.runtime.failures()["jobs"] == h.manager.failure
     assert "restarting (1 of 5)" in h.manager.failure
     h.manager.store = type(store)(store.path)  # back: the restarted loop serves again
     await until(lambda: h.manager.ready)
     assert changes[0] is False and changes[-1] is True
+    assert "jobs" not in h.runtime.failures()
     job_id = (await h.manager.create(ppo()))[0].id
     await until(lambda: len(h.launches_of(job_id)) == 1)
+
+
+async def test_the_server_gives_workers_the_bound_ports(tmp_path: Path) -> None:
+    """With port 0 on both transports, workers get the ports the OS picked."""
+    import uvicorn
+
+    from rewardserve.grpc.server import GrpcServer
+    from rewardserve.http.app import build_app
+    from rewardserve.server import _tell_jobs_the_endpoints
+
+    settings = settings_for(tmp_path, port=0, grpc_port=0, host="127.0.0.1")
+    settings = settings.model_copy(update={"jobs_enabled": True})
+    runtime = Runtime(settings)
+    assert runtime.jobs is not None and runtime.jobs.endpoints is None
+    http = uvicorn.Server(uvicorn.Config(build_app(settings, runtime), port=0, log_level="error"))
+    grpc_server = GrpcServer(settings, runtime)
+    await grpc_server.start()
+    http_task = asyncio.create_task(http.serve())
+    try:
+        await _tell_jobs_the_endpoints(settings, runtime.jobs, http, http_task, grpc_server)
+        rest_url, grpc_address = runtime.jobs.endpoints
+        bound = http.servers[0].sockets[0].getsockname()[1]
+        assert bound != 0 and rest_url == f"http://127.0.0.1:{bound}"
+        assert grpc_server.port != 0 and grpc_address == f"127.0.0.1:{grpc_server.port}"
+    finally:
+        http.should_exit = True
+        await http_task
+        await grpc_server.stop(0)

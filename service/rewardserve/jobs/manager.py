@@ -164,6 +164,12 @@ class JobManager:
         self._endpoints = _Endpoints(rest_url.rstrip("/"), grpc_address)
         self._wake.set()
 
+    @property
+    def endpoints(self) -> tuple[str, str] | None:
+        """(REST URL, gRPC address) workers are given; None until set_endpoints."""
+        e = self._endpoints
+        return None if e is None else (e.rest_url, e.grpc_address)
+
     def wake(self) -> None:
         """Ask the loop for a round now (instead of at its next poll)."""
         self._wake.set()
