@@ -203,7 +203,7 @@ async def test_queue_order_limit_command_and_worker_keys(make) -> None:
     assert first.env["OMP_NUM_THREADS"] == first.env["MKL_NUM_THREADS"] == "2"
     assert first.env["OMP_WAIT_POLICY"] == "PASSIVE"
     assert (Path(first.env["PYTHONPATH"].split(":")[0]) / "rewardserve").is_dir()
-    assert first.log_path == h.settings.data_dir / "jobs" / ids[0] / "worker.log"
+    assert first.log_path == h.settings.data_dir.resolve() / "jobs" / ids[0] / "worker.log"
     key = first.env["REWARDSERVE_WORKER_API_KEY"]
     keyring = h.runtime.keyring
     assert "admin" in keyring.authorize(f"Bearer {key}", "admin")

@@ -114,7 +114,8 @@ class JobManager:
         self.runtime = runtime
         self.runner = runner if runner is not None else make_runner(settings)
         self._validate = validate or _validate_submission
-        self.data_dir = Path(settings.data_dir)
+        # Absolute: the paths go to workers, which may run elsewhere (Ray) or elsewhere's cwd.
+        self.data_dir = Path(settings.data_dir).resolve()
         self.store: JobStore | None = None
         self._endpoints: _Endpoints | None = None
         self._wake = asyncio.Event()
@@ -682,7 +683,6 @@ class JobManager:
             },
             resources=job.resources,
             log_path=self.log_path(job.id),
-            cwd=self.job_dir(job.id),
         )
         self.job_dir(job.id).mkdir(parents=True, exist_ok=True)
         try:
