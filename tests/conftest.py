@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/builders.py, tests/servers.py
+# Runtimes started in process (TestClient apps) keep their jobs database out of the checkout.
+os.environ.setdefault("REWARDSERVE_DATA_DIR", tempfile.mkdtemp(prefix="rewardserve-test-data-"))
 
 REQUIRE_VLLM_ENV = "REWARDSERVE_TEST_REQUIRE_VLLM"
 

@@ -97,6 +97,9 @@ class RewardServer:
             str(self.cache_dir),
             "--torch-threads",
             str(torch_threads),
+            # Its own jobs database: two test servers never recover each other's jobs.
+            "--data-dir",
+            str(Path(self._tmp.name) / "data"),
             *([] if grpc_enabled else ["--no-grpc-enabled"]),
             *extra_args,
         ]

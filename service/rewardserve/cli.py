@@ -216,7 +216,7 @@ async def best_of_n_file_in_process(settings: Settings, *args: Any) -> dict[str,
     from rewardserve.bon.offline import best_of_n_file
     from rewardserve.runtime import Runtime
 
-    runtime = Runtime(settings)
+    runtime = Runtime(settings.model_copy(update={"jobs_enabled": False}))  # no jobs here
     await runtime.start()
     try:
         return await best_of_n_file(runtime.bon, *args)

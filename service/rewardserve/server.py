@@ -20,6 +20,7 @@ from rewardserve.config import Settings
 from rewardserve.grpc.server import GrpcServer
 from rewardserve.http.app import build_app
 from rewardserve.http.errors import error_response
+from rewardserve.jobs.manager import JobManager, service_host
 from rewardserve.runtime import Runtime
 from rewardserve.schemas.errors import Unavailable
 
@@ -123,6 +124,8 @@ async def serve(settings: Settings) -> None:
             await grpc_server.set_serving(False)
             log.info("gRPC listening on %s:%d", settings.host, grpc_server.port)
         starting = asyncio.create_task(runtime.start())
+        if runtime.jobs is not None:
+            await _tell_jobs_the_endpoints(settings, runtime.jobs, http, http_task, grpc_server)
         await _first(starting, stopping, http_task)
         if starting.done():
             starting.result()  # a start-up model that must load and did not: raise
@@ -142,6 +145,29 @@ async def serve(settings: Settings) -> None:
         for sig in STOP_SIGNALS:
             loop.remove_signal_handler(sig)
         log.info("stopped")
+
+
+async def _tell_jobs_the_endpoints(
+    settings: Settings,
+    jobs: JobManager,
+    http: uvicorn.Server,
+    http_task: asyncio.Task[None],
+    grpc_server: GrpcServer | None,
+) -> None:
+    """Workers reach this service at the ports actually bound (port 0 picks one), so the
+    manager learns them once REST is listening; no worker starts before."""
+    while not http.started and not http_task.done():
+        await asyncio.sleep(0.01)
+    if http_task.done():
+        return  # REST failed to start: serve() ends with it
+    port = settings.port
+    for server in http.servers:
+        for sock in server.sockets:
+            port = sock.getsockname()[1]
+    host = service_host(settings)
+    url_host = f"[{host}]" if ":" in host else host
+    grpc_address = f"{url_host}:{grpc_server.port}" if grpc_server else ""
+    jobs.set_endpoints(f"http://{url_host}:{port}", grpc_address)
 
 
 def _on_signal(sig: signal.Signals, stop: asyncio.Event, http: uvicorn.Server) -> None:

@@ -57,6 +57,8 @@ class GrpcServer:
         self._health_lock = asyncio.Lock()
         self._health_sync: asyncio.Task[None] | None = None
         runtime.scoring.readiness_listeners.append(self._follow_readiness)
+        if runtime.jobs is not None:  # its loop dying turns health NOT_SERVING like a model
+            runtime.jobs.readiness_listeners.append(self._follow_readiness)
 
     def _follow_readiness(self) -> None:
         # After start-up, a model failing, recovering or being unloaded flips the health
