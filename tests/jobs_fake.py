@@ -51,6 +51,8 @@ class FakeJobManager:
         """events() iterators started and not yet closed: a leak shows here."""
         self._next_event = 0
         self._changed = asyncio.Event()
+        self.readiness_listeners: list[Any] = []
+        self.ready, self.failure = True, None
 
     # ---- the interface ----------------------------------------------------------------
     async def create(self, req: JobCreate) -> tuple[Job, bool]:
