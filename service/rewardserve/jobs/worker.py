@@ -223,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # one line per report would bury the trainer's own lines in worker.log
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
     api_key = os.environ.get(API_KEY_ENV) or None
