@@ -1,9 +1,9 @@
 """The jobs worker on a tiny PPO job whose rewards come from a real service over gRPC Score
 (tests/servers.RewardServer). The REST side of the worker protocol is a fake
-(tests/jobs_api: the job's GET and the reports, nothing else) until the jobs manager and its
-routes are merged: in-process through run_job with a recording reporter, then the real
-entrypoint as a process, SIGTERMed after its first checkpoint and resumed by a second
-attempt."""
+(tests/jobs_api: the job's GET and the reports, nothing else), so the worker's own contract
+is checked apart from the manager's: in-process through run_job with a recording reporter,
+then the real entrypoint as a process, SIGTERMed after its first checkpoint and resumed by a
+second attempt. The worker under the real manager: test_jobs_api.py, test_job_faults.py."""
 
 from __future__ import annotations
 

@@ -3,8 +3,8 @@
 resume point, end and cancellation, admin scope, malformed requests, jobs disabled.
 
 The manager here is a spec'd in-memory fake that the test drives (emits events, flips
-statuses); the real manager is H1's (jobs/manager.py) and the end-to-end jobs tests, real
-workers through both transports, come after the merge.
+statuses), so each transport's wire format is checked on its own; the real manager with real
+workers is tested through both transports in tests/integration/test_jobs_api.py.
 """
 
 from __future__ import annotations
