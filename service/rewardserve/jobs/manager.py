@@ -60,7 +60,7 @@ Validator = Callable[[JobCreate, str, Settings, Any], ValidatedJobLike]
 def _validate_submission(
     req: JobCreate, job_id: str, settings: Settings, runtime: Any
 ) -> ValidatedJobLike:
-    from rewardserve.jobs.specs import validate_submission  # imports torch-free but heavy: late
+    from rewardserve.jobs.specs import validate_submission  # late: it imports the trainers (torch)
 
     return validate_submission(req, job_id, settings, runtime)
 
