@@ -5,7 +5,8 @@
 
 `ray start --head --block` runs in its own process group; stop() kills that group (SIGTERM,
 then SIGKILL), then the head's processes that left it (Ray gives workers and job entrypoints
-their own sessions), found by its temp dir on their command lines. Never `ray stop`: that
+their own sessions): workers name its temp dir on their command lines, job drivers (which
+would outlive the head a while) have its GCS address as RAY_ADDRESS. Never `ray stop`: that
 stops every Ray on the machine, anyone's. Importing this module does not import ray.
 """
 
@@ -56,6 +57,22 @@ def processes_naming(marker: str) -> list[int]:
     return pids
 
 
+def processes_with_env(name: str, value_suffix: str) -> list[int]:
+    """Pids whose environment has `name` set to a value ending with `value_suffix`."""
+    pids = []
+    prefix = f"{name}=".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(v.startswith(prefix) and v.endswith(value_suffix.encode()) for v in environ):
+            pids.append(int(entry.name))
+    return pids
+
+
 class RayHead:
     """A context manager; `address` is the dashboard's (job submission) URL."""
 
@@ -64,6 +81,7 @@ class RayHead:
         self.object_store_bytes = object_store_bytes
         self.temp_dir: Path | None = None
         self.address = ""
+        self.gcs_port = 0
         self.started_in_s = 0.0
         self.proc: subprocess.Popen[bytes] | None = None
         self._out = None
@@ -82,6 +100,7 @@ class RayHead:
         # fit in 107 bytes, which pytest's tmp_path does not.
         self.temp_dir = Path(tempfile.mkdtemp(prefix="rsray-", dir="/tmp"))
         gcs, dashboard, client, agent = free_ports(4)
+        self.gcs_port = gcs
         ray_cli = Path(sys.executable).with_name("ray")
         args = [
             str(ray_cli), "start", "--head", "--block", "--disable-usage-stats",
@@ -122,7 +141,9 @@ class RayHead:
             self.proc.wait()
             self.proc = None
         if self.temp_dir is not None:
-            for pid in processes_naming(str(self.temp_dir)):
+            strays = processes_naming(str(self.temp_dir))
+            strays += processes_with_env("RAY_ADDRESS", f":{self.gcs_port}")
+            for pid in strays:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         if self._out is not None:
