@@ -1,4 +1,5 @@
-"""Shared fixtures: one repository of tiny models per session and a plain (no-auth) server."""
+"""Shared fixtures: one repository of tiny models per session, a plain (no-auth) server and
+a local Ray head (started on first use, ~15 s, shared by every Ray test of the session)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,12 @@ import grpc
 import httpx
 import pytest
 
+from ray_head import RayHead
 from rewardserve.v1 import scoring_pb2_grpc
 from servers import RewardServer, build_model_repo
+
+RAY_HEAD_CPUS = 2
+"""What the Ray tests' resource checks are written against (this machine has 2 cores)."""
 
 
 @pytest.fixture(scope="session")
@@ -51,3 +56,11 @@ def plain_channel(plain_server: RewardServer) -> Iterator[grpc.Channel]:
 @pytest.fixture(scope="session")
 def plain_stub(plain_channel: grpc.Channel) -> scoring_pb2_grpc.RewardServiceStub:
     return scoring_pb2_grpc.RewardServiceStub(plain_channel)
+
+
+@pytest.fixture(scope="session")
+def ray_head() -> Iterator[RayHead]:
+    """Skips where ray is not importable (`make setup` installs the `ray` extra)."""
+    pytest.importorskip("ray")
+    with RayHead(num_cpus=RAY_HEAD_CPUS) as head:
+        yield head

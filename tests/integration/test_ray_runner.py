@@ -1,20 +1,13 @@
-"""RayRunner against a real local Ray head that this module starts and owns (its own process
-group, killed at teardown: never `ray stop`, which would stop anyone's Ray). The entrypoints
+"""RayRunner against a real local Ray head (tests/ray_head.py, the session's `ray_head`
+fixture: its own process group, killed at teardown, never `ray stop`). The entrypoints
 are small `python -c` scripts; the real worker's Ray run is the jobs end-to-end test."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import shutil
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,102 +17,23 @@ pytest.importorskip("ray")
 
 from ray.job_submission import JobSubmissionClient
 
+from ray_head import RayHead
 from rewardserve.config import Settings
 from rewardserve.jobs.runners.base import Launch, WorkerState
 from rewardserve.jobs.runners.ray import RayRunner, submission_id
 from rewardserve.schemas.errors import InvalidArgument, Unavailable
 from rewardserve.schemas.jobs import Resources
+from servers import free_port
 
-HEAD_START_TIMEOUT_S = 120.0
 GRACE_S = 1.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _kill_group(pgid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, sig)
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def _strays(marker: str) -> list[int]:
-    """Processes of this head that left its process group (Ray gives workers and job
-    entrypoints their own): their command lines name its temp dir."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if marker.encode() in cmdline:
-            pids.append(int(entry.name))
-    return pids
-
-
-@pytest.fixture(scope="module")
-def ray_head() -> Iterator[str]:
-    # Short: Ray's socket paths (<temp>/session_<date>_<pid>/sockets/plasma_store) must fit
-    # in 107 bytes, which pytest's tmp_path does not.
-    temp = tempfile.mkdtemp(prefix="rsray-", dir="/tmp")
-    dashboard = _free_port()
-    ray_cli = Path(sys.executable).with_name("ray")
-    args = [
-        str(ray_cli), "start", "--head", "--block", "--disable-usage-stats",
-        f"--port={_free_port()}", f"--dashboard-port={dashboard}",
-        "--dashboard-host=127.0.0.1", "--include-dashboard=true",
-        f"--ray-client-server-port={_free_port()}",
-        f"--dashboard-agent-listen-port={_free_port()}",
-        "--num-cpus=2", "--object-store-memory=100000000", f"--temp-dir={temp}",
-    ]  # fmt: skip
-    out = open(Path(temp) / "head.log", "wb")  # noqa: SIM115 - lives as long as the head
-    started = time.monotonic()
-    proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{dashboard}"
-    try:
-        while True:
-            try:
-                JobSubmissionClient(address).list_jobs()
-                break
-            except Exception:
-                if proc.poll() is not None or time.monotonic() - started > HEAD_START_TIMEOUT_S:
-                    log = (Path(temp) / "head.log").read_text(errors="replace")
-                    pytest.fail(f"the Ray head did not start (rc {proc.poll()}):\n{log[-3000:]}")
-                time.sleep(0.25)
-        print(f"\nray head ready in {time.monotonic() - started:.1f} s", file=sys.stderr)
-        yield address
-    finally:
-        _kill_group(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 3
-        while _group_alive(proc.pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        _kill_group(proc.pid, signal.SIGKILL)
-        proc.wait()
-        for pid in _strays(temp):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        out.close()
-        shutil.rmtree(temp, ignore_errors=True)
-
-
 @pytest.fixture
-def runner(ray_head: str, tmp_path: Path) -> RayRunner:
+def runner(ray_head: RayHead, tmp_path: Path) -> RayRunner:
     return RayRunner(
         Settings(
             job_runner="ray",
-            ray_address=ray_head,
+            ray_address=ray_head.address,
             data_dir=tmp_path,
             job_stop_grace_s=GRACE_S,
         )
@@ -239,10 +153,12 @@ async def test_unknown_ref_is_gone(runner: RayRunner, tmp_path: Path) -> None:
     assert await runner.logs(ref, tmp_path / "none.log") == ""
 
 
-def test_check_refuses_what_no_node_has(runner: RayRunner, ray_head: str) -> None:
+def test_check_refuses_what_no_node_has(runner: RayRunner, ray_head: RayHead) -> None:
     runner.check(Resources(cpus=2))
     runner.check(Resources(cpus=0.5, memory_gib=0.5))
-    threads4 = RayRunner(Settings(job_runner="ray", ray_address=ray_head, job_torch_threads=4))
+    threads4 = RayRunner(
+        Settings(job_runner="ray", ray_address=ray_head.address, job_torch_threads=4)
+    )
     for who, resources, field in [
         (runner, Resources(gpus=1), "resources.gpus"),
         (runner, Resources(cpus=3), "resources.cpus"),
@@ -256,7 +172,7 @@ def test_check_refuses_what_no_node_has(runner: RayRunner, ray_head: str) -> Non
 
 
 async def test_unreachable_ray_is_unavailable_at_launch(tmp_path: Path) -> None:
-    runner = RayRunner(Settings(job_runner="ray", ray_address=f"http://127.0.0.1:{_free_port()}"))
+    runner = RayRunner(Settings(job_runner="ray", ray_address=f"http://127.0.0.1:{free_port()}"))
     with pytest.raises(Unavailable, match="unreachable"):
         await runner.launch(_launch(tmp_path, "print(1)"))
     runner.check(Resources(gpus=8))  # cannot tell: left to launch

@@ -165,6 +165,10 @@ class RayRunner:
             if env.get("PYTHONPATH")
             else _SERVICE_DIR
         )
+        if launch.resources.gpus == 0:
+            # As the local runner: no GPUs asked, none seen. Ray sets it only for an
+            # entrypoint given GPUs; without, the worker would see every GPU of its node.
+            env.setdefault("CUDA_VISIBLE_DEVICES", "")
         # Read by Ray's job supervisor (whose runtime_env this is too): SIGKILL after it.
         env.setdefault("RAY_JOB_STOP_WAIT_TIME_S", str(math.ceil(self._settings.job_stop_grace_s)))
         return {"env_vars": env}
