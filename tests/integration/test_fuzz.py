@@ -9,11 +9,14 @@ Bounded: FUZZ_EXAMPLES examples per operation (REWARDSERVE_FUZZ_EXAMPLES to chan
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
@@ -53,6 +56,18 @@ CHECKS = [
 
 # Small limits keep each generated request cheap; the limits' own 4xx are fuzzed too.
 LIMITS = ["--max-items-per-request", "8", "--max-text-chars", "4000", "--max-candidates", "8"]
+# Jobs stay on (their routes are fuzzed on a real manager), but a generated body that is
+# valid (a reward job on inline pairs is) starts a real training worker: one at a time, of
+# one step, never restarted, stopped fast. The fixture cancels them all at teardown.
+JOB_LIMITS = [
+    "--max-running-jobs", "1",
+    "--job-max-total-steps", "1",
+    "--job-max-prompts", "4",
+    "--job-max-sequences-per-step", "4",
+    "--job-max-restarts", "0",
+    "--job-stop-grace-s", "1",
+]  # fmt: skip
+WORKER_EXIT_S = 60.0
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +75,37 @@ def fuzz_server(model_repo, tmp_path_factory) -> Iterator[RewardServer]:
     # Its own copy of the repository: fuzzed admin calls may load and unload models.
     repo = tmp_path_factory.mktemp("fuzz") / "models"
     shutil.copytree(model_repo, repo)
-    with RewardServer(repo, extra_args=LIMITS) as server:
-        yield server
+    with RewardServer(repo, extra_args=[*LIMITS, *JOB_LIMITS]) as server:
+        try:
+            yield server
+        finally:
+            stop_every_job(server)
+
+
+def stop_every_job(server: RewardServer) -> None:
+    """Cancel the jobs the fuzzing left queued or running and wait for their workers to exit:
+    workers outlive their service by design (a restarted one adopts them), so one left
+    running here would outlive the test."""
+    with server.http() as c:
+        while jobs := c.get("/v1/jobs", params={"status": "queued,running"}).json()["data"]:
+            for job in jobs:
+                c.post(f"/v1/jobs/{job['id']}/cancel")  # a 409: it ended meanwhile
+    assert server.proc is not None
+    deadline = time.monotonic() + WORKER_EXIT_S
+    while workers := job_workers(server.proc.pid):
+        assert time.monotonic() < deadline, f"workers still running: {workers}"
+        time.sleep(0.2)
+
+
+def job_workers(pid: int) -> list[str]:
+    """Command lines of the service's job workers still running."""
+    found = []
+    for child in psutil.Process(pid).children():
+        with contextlib.suppress(psutil.Error):
+            cmd = " ".join(child.cmdline())
+            if "rewardserve.jobs.worker" in cmd and child.status() != psutil.STATUS_ZOMBIE:
+                found.append(cmd)
+    return found
 
 
 def app_schema() -> dict:

@@ -31,6 +31,7 @@ from typing import Literal
 from rewardserve import metrics
 from rewardserve.engine.inputs import Encoded
 from rewardserve.schemas.errors import DeadlineExceeded, InvalidArgument, Overloaded, Unavailable
+from rewardserve.supervision import SupervisedLoop
 
 log = logging.getLogger(__name__)
 
@@ -160,26 +161,42 @@ class Batcher:
         self._forward = forward
         self._executor = executor
         self.limits = limits
-        self.max_restarts = max_restarts
-        self.restart_backoff_s = restart_backoff_s
-        self._on_change = on_change  # told when `failure` is set or cleared
         self._queue: deque[Pending] = deque()
         # Items still waiting for a forward; the deque may also hold items whose callers
         # already stopped waiting, which are skipped when reached and must not count.
         self._live = 0
         self._in_flight: list[Pending] = []
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self._loop = SupervisedLoop(
+            "batcher loop",
+            self._run,
+            max_restarts=max_restarts,
+            backoff_s=restart_backoff_s,
+            logger=log,
+            log_prefix=f"model {name}: ",
+            listeners=[on_change] if on_change is not None else [],  # told when `failure` changes
+            on_failure=self._loop_failed,
+            give_up_hint=" (unload and load the model to serve it again)",
+        )
         self._avg_item_s = 0.02  # running estimate, for Retry-After
         self._last_batch_size = 0
-        self.restarts = 0
-        self.gave_up = False
-        """The loop failed more than max_restarts times: failed until unloaded and loaded."""
-        self.failure: str | None = None
-        """Why the loop is down (None while it serves)."""
         self.dropped: Counter[str] = Counter()
         """Items that left the queue without a forward, by reason: cancelled, expired, failed."""
+
+    @property
+    def restarts(self) -> int:
+        return self._loop.restarts
+
+    @property
+    def gave_up(self) -> bool:
+        """The loop failed more than max_restarts times: failed until unloaded and loaded."""
+        return self._loop.gave_up
+
+    @property
+    def failure(self) -> str | None:
+        """Why the loop is down (None while it serves)."""
+        return self._loop.failure
 
     @property
     def queued(self) -> int:
@@ -187,15 +204,12 @@ class Batcher:
         return self._live
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._supervise(), name=f"batcher-{self.name}")
-        self._task.add_done_callback(self._on_task_exit)
+        self._loop.start(f"batcher-{self.name}")
 
     async def close(self) -> None:
         """Stop the loop; items queued or in the forward fail with Unavailable."""
         self._closed = True
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await self._loop.close()
         self._fail_held(f"model '{self.name}' was unloaded")
         metrics.QUEUE_DEPTH.labels(self.name).set(0)
 
@@ -300,56 +314,10 @@ class Batcher:
 
     # ---- the supervised loop ---------------------------------------------------------------
 
-    async def _supervise(self) -> None:
-        while True:
-            try:
-                await self._run()
-            except Exception as e:  # CancelledError (close) is not caught: it ends the task
-                if not self._loop_failed(e):
-                    return
-                await asyncio.sleep(self.restart_backoff_s * 2 ** (self.restarts - 1))
-                log.warning(
-                    "batcher loop of %s restarted (%d of %d)",
-                    self.name,
-                    self.restarts,
-                    self.max_restarts,
-                )
-                self.failure = None
-                self._changed()
-
-    def _changed(self) -> None:
-        if self._on_change is not None:
-            try:
-                self._on_change()
-            except Exception:  # a listener's bug must not take the loop down with it
-                log.exception("batcher %s: state listener failed", self.name)
-
-    def _loop_failed(self, exc: BaseException, *, final: bool = False) -> bool:
-        """Answer everything the dead loop held and record why; True when it may restart."""
-        reason = f"batcher loop failed ({type(exc).__name__}: {exc})"
-        self.gave_up = final or self.restarts >= self.max_restarts
-        if self.gave_up:
-            self.failure = (
-                f"{reason}; gave up after {self.restarts} restarts "
-                "(unload and load the model to serve it again)"
-            )
-        else:
-            self.restarts += 1
-            self.failure = f"{reason}; restarting ({self.restarts} of {self.max_restarts})"
+    def _loop_failed(self, failure: str) -> None:
         # Answer the callers first: nothing after this may leave them waiting.
-        self._fail_held(f"model '{self.name}' is unavailable: {self.failure}")
-        log.error("model %s: %s", self.name, self.failure, exc_info=exc)
-        self._changed()
+        self._fail_held(f"model '{self.name}' is unavailable: {failure}")
         metrics.LOOP_FAILURES.labels(self.name).inc()
-        return not self.gave_up
-
-    def _on_task_exit(self, task: asyncio.Task[None]) -> None:
-        # The supervisor itself ended without giving up (a BaseException, a failure while
-        # handling one, or the event loop cancelling it): nobody is left to answer.
-        if self._closed or self.gave_up:
-            return
-        exc = None if task.cancelled() else task.exception()
-        self._loop_failed(exc or RuntimeError("the batcher loop stopped"), final=True)
 
     async def _run(self) -> None:
         while True:

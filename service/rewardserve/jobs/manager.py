@@ -36,6 +36,7 @@ from rewardserve.jobs.runners.local import read_tail, threads_for
 from rewardserve.jobs.store import JobRecord, JobStore, now
 from rewardserve.schemas.errors import Conflict, InvalidArgument, NotFound, ServiceError
 from rewardserve.schemas.jobs import TERMINAL, Job, JobCreate, JobEvent, JobList, WorkerReport
+from rewardserve.supervision import SupervisedLoop
 
 if TYPE_CHECKING:
     from rewardserve.runtime import Runtime
@@ -119,21 +120,43 @@ class JobManager:
         self.store: JobStore | None = None
         self._endpoints: _Endpoints | None = None
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._locks: dict[str, asyncio.Lock] = {}
         self._keys: dict[str, str] = {}  # job id -> its current attempt's worker key
         self._lingering: dict[str, float] = {}  # ref -> when to stop it (final report sent)
         self._latest: dict[str, int] = {}  # job id -> newest event id appended
         self._watch = asyncio.Condition()
-        self.max_loop_restarts = max_loop_restarts
-        self.loop_restart_backoff_s = loop_restart_backoff_s
-        self.loop_restarts = 0
-        self.gave_up = False
-        self.failure: str | None = None
-        """Why the scheduler loop is down (None while it runs)."""
         self.readiness_listeners: list[Callable[[], None]] = []
         """Told when `ready` may have changed (the gRPC health service follows it)."""
+        self._loop = SupervisedLoop(
+            "jobs scheduler",
+            self._run,
+            max_restarts=max_loop_restarts,
+            backoff_s=loop_restart_backoff_s,
+            logger=log,
+            listeners=self.readiness_listeners,
+        )
+
+    @property
+    def failure(self) -> str | None:
+        """Why the scheduler loop is down (None while it runs)."""
+        return self._loop.failure
+
+    @property
+    def gave_up(self) -> bool:
+        return self._loop.gave_up
+
+    @property
+    def loop_restarts(self) -> int:
+        return self._loop.restarts
+
+    @property
+    def loop_restart_backoff_s(self) -> float:
+        return self._loop.backoff_s
+
+    @loop_restart_backoff_s.setter
+    def loop_restart_backoff_s(self, value: float) -> None:
+        self._loop.backoff_s = value
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -141,16 +164,13 @@ class JobManager:
         (self.data_dir / "jobs").mkdir(parents=True, exist_ok=True)
         self.store = JobStore(self.data_dir / "jobs.sqlite")
         await self._recover()
-        self._task = asyncio.create_task(self._supervise(), name="jobs-scheduler")
-        self._task.add_done_callback(self._on_task_exit)
+        self._loop.start("jobs-scheduler")
 
     async def close(self) -> None:
         """Stop the loop and close the store. Workers keep running: the next start stops
         them and restarts their jobs from their checkpoints."""
         self._closed = True
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await self._loop.close()
         for key in self._keys.values():
             self.runtime.keyring.revoke(key)
         self._keys.clear()
@@ -177,7 +197,7 @@ class JobManager:
 
     @property
     def ready(self) -> bool:
-        return self._task is not None and not self._closed and self.failure is None
+        return self._loop.running and self.failure is None
 
     # ---- submission and queries ------------------------------------------------------------
 
@@ -498,49 +518,6 @@ class JobManager:
             log.info("job %s: requeued after a service restart", rec.job.id)
 
     # ---- the scheduler loop ------------------------------------------------------------------
-
-    async def _supervise(self) -> None:
-        while True:
-            try:
-                await self._run()
-            except Exception as e:  # CancelledError (close) is not caught: it ends the task
-                if not self._loop_failed(e):
-                    return
-                await asyncio.sleep(self.loop_restart_backoff_s * 2 ** (self.loop_restarts - 1))
-                log.warning(
-                    "jobs scheduler restarted (%d of %d)",
-                    self.loop_restarts,
-                    self.max_loop_restarts,
-                )
-                self.failure = None
-                self._changed()
-
-    def _changed(self) -> None:
-        for listener in self.readiness_listeners:
-            try:
-                listener()
-            except Exception:
-                log.exception("jobs manager: readiness listener failed")
-
-    def _loop_failed(self, exc: BaseException, *, final: bool = False) -> bool:
-        reason = f"jobs scheduler failed ({type(exc).__name__}: {exc})"
-        self.gave_up = final or self.loop_restarts >= self.max_loop_restarts
-        if self.gave_up:
-            self.failure = f"{reason}; gave up after {self.loop_restarts} restarts"
-        else:
-            self.loop_restarts += 1
-            self.failure = (
-                f"{reason}; restarting ({self.loop_restarts} of {self.max_loop_restarts})"
-            )
-        log.error("%s", self.failure, exc_info=exc)
-        self._changed()
-        return not self.gave_up
-
-    def _on_task_exit(self, task: asyncio.Task[None]) -> None:
-        if self._closed or self.gave_up:
-            return
-        exc = None if task.cancelled() else task.exception()
-        self._loop_failed(exc or RuntimeError("the jobs scheduler stopped"), final=True)
 
     async def _run(self) -> None:
         while True:
