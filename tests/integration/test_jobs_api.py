@@ -247,10 +247,21 @@ def worker_pids(job_id: str) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def trained(http: httpx.Client, stub: jobs_pb2_grpc.JobServiceStub) -> dict[str, Any]:
+def auth_job(servers: dict[str, RewardServer]) -> str:
+    """A 2-step PPO job submitted with the admin key: it trains while `trained`'s jobs do."""
+    with servers["auth"].http() as http:
+        r = http.post("/v1/jobs", json=PPO | {"config": {**TINY, "total_steps": 2}}, headers=ADMIN)
+    assert r.status_code == 201, r.text
+    return str(r.json()["id"])
+
+
+@pytest.fixture(scope="module")
+def trained(
+    http: httpx.Client, stub: jobs_pb2_grpc.JobServiceStub, auth_job: str
+) -> dict[str, Any]:
     """A PPO job made over REST and watched over SSE, one made over gRPC and watched with
-    WatchJob (2 steps), and a reward job: all three run at once, each watched live from its
-    first event to its end."""
+    WatchJob (2 steps), and a reward job: all three run at once (and `auth_job` beside them
+    on the other server), each watched live from its first event to its end."""
     t0 = time.monotonic()
     created = http.post("/v1/jobs", json=PPO)
     assert created.status_code == 201, created.text
@@ -687,13 +698,13 @@ REST_ROUTES = [("POST", "/v1/jobs"), ("GET", "/v1/jobs"), ("GET", "/v1/jobs/{id}
                ("POST", "/v1/jobs/{id}/report")]  # fmt: skip
 
 
-def test_jobs_need_the_admin_scope(servers: dict[str, RewardServer]) -> None:
+def test_jobs_need_the_admin_scope(servers: dict[str, RewardServer], auth_job: str) -> None:
+    """Refused calls change nothing; the job the admin key started (its worker authenticates
+    with the key the service granted it) runs to success."""
     auth = servers["auth"]
+    job_id = auth_job
     with auth.http() as http, grpc.insecure_channel(auth.grpc_target) as channel:
         stub = jobs_pb2_grpc.JobServiceStub(channel)
-        r = http.post("/v1/jobs", json=PPO | {"config": {**TINY, "total_steps": 2}}, headers=ADMIN)
-        assert r.status_code == 201, r.text
-        job_id = r.json()["id"]
 
         for method, path in REST_ROUTES:
             url = path.format(id=job_id)
