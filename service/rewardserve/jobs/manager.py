@@ -35,6 +35,7 @@ from rewardserve.jobs.runners.base import Launch, Runner
 from rewardserve.jobs.runners.local import read_tail, threads_for
 from rewardserve.jobs.store import JobRecord, JobStore, now
 from rewardserve.schemas.errors import Conflict, InvalidArgument, NotFound, ServiceError
+from rewardserve.schemas.job_query import MAX_LIMIT as MAX_LIST_LIMIT  # what the API documents
 from rewardserve.schemas.jobs import TERMINAL, Job, JobCreate, JobEvent, JobList, WorkerReport
 from rewardserve.supervision import SupervisedLoop
 
@@ -47,7 +48,6 @@ POLL_S = 0.5
 LINGER_S = 30.0
 """How long a worker that sent its final report may take to exit before it is stopped."""
 WATCH_RECHECK_S = 5.0
-MAX_LIST_LIMIT = 200
 
 
 class ValidatedJobLike(Protocol):
