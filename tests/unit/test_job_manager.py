@@ -486,3 +486,18 @@ async def test_the_server_gives_workers_the_bound_ports(tmp_path: Path) -> None:
         http.should_exit = True
         await http_task
         await grpc_server.stop(0)
+
+
+def test_a_prompt_string_and_its_object_form_are_one_submission() -> None:
+    """REST clients send "hi", gRPC sends PromptInput(prompt="hi"): one idempotency key must
+    see them as the same body."""
+    from rewardserve.jobs.manager import request_hash
+
+    as_text = JobCreate(
+        type="ppo", prompts=["hi", {"messages": [{"role": "user", "content": "x"}]}]
+    )
+    as_object = JobCreate(
+        type="ppo", prompts=[{"prompt": "hi"}, {"messages": [{"role": "user", "content": "x"}]}]
+    )
+    assert request_hash(as_text) == request_hash(as_object)
+    assert request_hash(as_text) != request_hash(JobCreate(type="ppo", prompts=["ho"]))

@@ -34,6 +34,7 @@ from rewardserve.config import Settings
 from rewardserve.jobs.runners.base import Launch, Runner
 from rewardserve.jobs.runners.local import read_tail, threads_for
 from rewardserve.jobs.store import JobRecord, JobStore, now
+from rewardserve.schemas.bon import PromptInput
 from rewardserve.schemas.errors import Conflict, InvalidArgument, NotFound, ServiceError
 from rewardserve.schemas.job_query import MAX_LIMIT as MAX_LIST_LIMIT  # what the API documents
 from rewardserve.schemas.jobs import TERMINAL, Job, JobCreate, JobEvent, JobList, WorkerReport
@@ -67,8 +68,14 @@ def _validate_submission(
 
 
 def request_hash(req: JobCreate) -> str:
-    """A canonical digest of a submission (key order and defaults do not change it)."""
+    """A canonical digest of a submission (key order, defaults and the spelling of a prompt do
+    not change it: "hi" and {"prompt": "hi"} are one prompt, as REST and gRPC send it)."""
     body = req.model_dump(mode="json", exclude={"idempotency_key"})
+    if body.get("prompts"):
+        body["prompts"] = [
+            PromptInput(prompt=p).model_dump(mode="json") if isinstance(p, str) else p
+            for p in body["prompts"]
+        ]
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
