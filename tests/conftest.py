@@ -8,7 +8,9 @@ cannot disappear from CI silently because an install broke.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -17,8 +19,12 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/builders.py, tests/servers.py
-# Runtimes started in process (TestClient apps) keep their jobs database out of the checkout.
-os.environ.setdefault("REWARDSERVE_DATA_DIR", tempfile.mkdtemp(prefix="rewardserve-test-data-"))
+# Runtimes started in process (TestClient apps) keep their jobs database out of the checkout,
+# in a folder gone when the session ends.
+if "REWARDSERVE_DATA_DIR" not in os.environ:
+    _data_dir = tempfile.mkdtemp(prefix="rewardserve-test-data-")
+    atexit.register(shutil.rmtree, _data_dir, ignore_errors=True)
+    os.environ["REWARDSERVE_DATA_DIR"] = _data_dir
 
 REQUIRE_VLLM_ENV = "REWARDSERVE_TEST_REQUIRE_VLLM"
 REQUIRE_RAY_ENV = "REWARDSERVE_TEST_REQUIRE_RAY"
