@@ -455,6 +455,9 @@ class JobManager:
             await self._finish(rec, "failed", error=error)
         elif kind == "succeeded":
             result = dict(report.result or {})
+            # the worker is done; loading its model (a vLLM engine for a policy) takes a while
+            name = result.get("policy") or result.get("model")
+            await self._log_event(job_id, f"the worker finished: loading {name} to serve it")
             try:
                 await self._register(rec.job, result)
             except Exception as e:
