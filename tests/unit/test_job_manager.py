@@ -501,3 +501,5 @@ def test_a_prompt_string_and_its_object_form_are_one_submission() -> None:
     )
     assert request_hash(as_text) == request_hash(as_object)
     assert request_hash(as_text) != request_hash(JobCreate(type="ppo", prompts=["ho"]))
+    # a prompt the validator will refuse must not break hashing first (that was a 500)
+    assert request_hash(JobCreate(type="ppo", prompts=[""]))

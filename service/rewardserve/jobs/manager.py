@@ -34,7 +34,6 @@ from rewardserve.config import Settings
 from rewardserve.jobs.runners.base import Launch, Runner
 from rewardserve.jobs.runners.local import read_tail, threads_for
 from rewardserve.jobs.store import JobRecord, JobStore, now
-from rewardserve.schemas.bon import PromptInput
 from rewardserve.schemas.errors import Conflict, InvalidArgument, NotFound, ServiceError
 from rewardserve.schemas.job_query import MAX_LIMIT as MAX_LIST_LIMIT  # what the API documents
 from rewardserve.schemas.jobs import TERMINAL, Job, JobCreate, JobEvent, JobList, WorkerReport
@@ -73,7 +72,8 @@ def request_hash(req: JobCreate) -> str:
     body = req.model_dump(mode="json", exclude={"idempotency_key"})
     if body.get("prompts"):
         body["prompts"] = [
-            PromptInput(prompt=p).model_dump(mode="json") if isinstance(p, str) else p
+            # by hand, not PromptInput(prompt=p): a bad prompt ("") is the validator's to refuse
+            {"prompt": p, "messages": None} if isinstance(p, str) else p
             for p in body["prompts"]
         ]
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
