@@ -141,3 +141,13 @@ def test_check_refuses_what_this_machine_lacks() -> None:
     with pytest.raises(InvalidArgument) as err:
         runner.check(Resources(cpus=(os.cpu_count() or 1) + 1))
     assert err.value.field == "resources.cpus"
+
+
+def test_worker_pythonpath_puts_the_checkout_first_once() -> None:
+    from rewardserve.jobs.runners.base import PACKAGE_ROOT, worker_pythonpath
+
+    assert worker_pythonpath(None) == PACKAGE_ROOT
+    assert worker_pythonpath("/x") == os.pathsep.join([PACKAGE_ROOT, "/x"])
+    # the manager's env already holds it; the Ray runner's pass must not add it again
+    once = worker_pythonpath("/x")
+    assert worker_pythonpath(once) == once

@@ -29,9 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-import rewardserve
 from rewardserve.config import Settings
-from rewardserve.jobs.runners.base import Launch, Runner
+from rewardserve.jobs.runners.base import Launch, Runner, worker_pythonpath
 from rewardserve.jobs.runners.local import read_tail, threads_for
 from rewardserve.jobs.store import JobRecord, JobStore, now
 from rewardserve.schemas.errors import Conflict, InvalidArgument, NotFound, ServiceError
@@ -655,8 +654,6 @@ class JobManager:
         if rec.resume:
             command.append("--resume")
         threads = str(threads_for(job.resources, self.settings.job_torch_threads))
-        package_root = str(Path(rewardserve.__file__).resolve().parent.parent)
-        pythonpath = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
         launch = Launch(
             job_id=job.id,
             attempt=attempt,
@@ -666,7 +663,7 @@ class JobManager:
                 "OMP_NUM_THREADS": threads,
                 "MKL_NUM_THREADS": threads,
                 "OMP_WAIT_POLICY": "PASSIVE",
-                "PYTHONPATH": pythonpath,
+                "PYTHONPATH": worker_pythonpath(os.environ.get("PYTHONPATH")),
             },
             resources=job.resources,
             log_path=self.log_path(job.id),

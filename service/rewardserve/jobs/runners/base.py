@@ -5,11 +5,25 @@ workers of the service before it."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
 
+import rewardserve
 from rewardserve.schemas.jobs import Resources
+
+PACKAGE_ROOT = str(Path(rewardserve.__file__).resolve().parent.parent)
+"""The folder holding this rewardserve package: first on a worker's PYTHONPATH, so it runs the
+service's own code, not some other installed copy."""
+
+
+def worker_pythonpath(existing: str | None) -> str:
+    """`existing` with PACKAGE_ROOT in front (once: a path that already starts with it is kept)."""
+    parts = [p for p in (existing or "").split(os.pathsep) if p]
+    if parts[:1] == [PACKAGE_ROOT]:
+        return os.pathsep.join(parts)
+    return os.pathsep.join([PACKAGE_ROOT, *parts])
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import os
 import shlex
 import time
 from collections.abc import Callable
@@ -30,9 +29,8 @@ import requests
 from ray.job_submission import JobStatus, JobSubmissionClient
 from ray.util.state import list_nodes
 
-import rewardserve
 from rewardserve.config import Settings
-from rewardserve.jobs.runners.base import Launch, WorkerState
+from rewardserve.jobs.runners.base import Launch, WorkerState, worker_pythonpath
 from rewardserve.schemas.errors import InvalidArgument, Unavailable
 from rewardserve.schemas.jobs import Resources
 
@@ -51,7 +49,6 @@ STOP_SLACK_S = 10.0
 REASON_CHARS = 300
 """Ray's failure message carries the log tail; the reason keeps its first line, this long."""
 
-_SERVICE_DIR = str(Path(rewardserve.__file__).resolve().parent.parent)
 _SIGNALS = {9: "SIGKILL", 15: "SIGTERM", 6: "SIGABRT", 11: "SIGSEGV", 2: "SIGINT"}
 
 
@@ -160,11 +157,7 @@ class RayRunner:
 
     def _runtime_env(self, launch: Launch) -> dict[str, Any]:
         env = dict(launch.env)
-        env["PYTHONPATH"] = (
-            os.pathsep.join([_SERVICE_DIR, env["PYTHONPATH"]])
-            if env.get("PYTHONPATH")
-            else _SERVICE_DIR
-        )
+        env["PYTHONPATH"] = worker_pythonpath(env.get("PYTHONPATH"))
         if launch.resources.gpus == 0:
             # As the local runner: no GPUs asked, none seen. Ray sets it only for an
             # entrypoint given GPUs; without, the worker would see every GPU of its node.
