@@ -126,6 +126,18 @@ def test_steps_and_checkpoints_redone_after_a_resume(store: JobStore) -> None:
     assert store.metrics(job_id)[-1] == {"reward": 31.0, "step": 3}
 
 
+def test_a_checkpoint_with_keep_forgets_all_but_the_newest(store: JobStore) -> None:
+    job_id = store.insert(make_job(1))[0].job.id
+    for step in (1, 2):
+        store.record_checkpoint(job_id, step, f"/ckpt/{step}", keep=2)
+    rec, event = store.record_checkpoint(job_id, 3, "/ckpt/3", keep=2)
+    # The trainer deleted step-1's folder when it saved step 3: the job must not list it.
+    assert [(c.step, c.path) for c in rec.job.checkpoints] == [(2, "/ckpt/2"), (3, "/ckpt/3")]
+    assert event.data == {"step": 3, "path": "/ckpt/3"}
+    rec, _ = store.record_checkpoint(job_id, 4, "/ckpt/4")  # no keep: every one stays
+    assert [c.step for c in rec.job.checkpoints] == [2, 3, 4]
+
+
 def test_by_status_is_in_submission_order(store: JobStore) -> None:
     for i in (5, 1, 3):
         store.insert(make_job(i))

@@ -445,7 +445,10 @@ class JobManager:
                     "a checkpoint report needs its step and checkpoint path",
                     field="checkpoint" if report.step is not None else "step",
                 )
-            _, event = self._db().record_checkpoint(job_id, report.step, report.checkpoint)
+            keep = rec.job.config.get("keep_checkpoints")
+            _, event = self._db().record_checkpoint(
+                job_id, report.step, report.checkpoint, keep=keep
+            )
             await self._published(event)
         elif kind == "log":
             await self._log_event(job_id, report.message or "")

@@ -427,13 +427,23 @@ class JobStore:
             ).fetchall()
             return [{**json.loads(r["data"]), "step": r["step"]} for r in rows]
 
-    def record_checkpoint(self, job_id: str, step: int, path: str) -> tuple[JobRecord, JobEvent]:
+    def record_checkpoint(
+        self, job_id: str, step: int, path: str, keep: int | None = None
+    ) -> tuple[JobRecord, JobEvent]:
+        """Record a saved checkpoint; with `keep`, forget all but the newest `keep`, as the
+        trainer deletes their folders when it saves (so the job never lists a gone one)."""
         with self._tx() as db:
             db.execute(
                 "INSERT INTO checkpoints (job_id, step, path) VALUES (?, ?, ?) "
                 "ON CONFLICT (job_id, step) DO UPDATE SET path = excluded.path",
                 (job_id, step, path),
             )
+            if keep is not None:
+                db.execute(
+                    "DELETE FROM checkpoints WHERE job_id = ? AND step NOT IN "
+                    "(SELECT step FROM checkpoints WHERE job_id = ? ORDER BY step DESC LIMIT ?)",
+                    (job_id, job_id, keep),
+                )
             event = self._append(db, job_id, "checkpoint", {"step": step, "path": path})
             record = self._get(db, job_id)
             assert record is not None
