@@ -176,6 +176,24 @@ CORPUS: list[tuple[str, dict[str, Any], type[Exception], str]] = [
         "config.reward_model",
     ),
     ("ppo-export-name", ppo({"export_name": "Bad Name"}), Unprocessable, "config.export_name"),
+    (
+        "ppo-uncertainty-kl-single-model",
+        ppo({"kl_controller": "uncertainty"}),
+        Unprocessable,
+        "config.kl_controller",
+    ),
+    (
+        "ppo-uncertainty-penalty-single-model",
+        ppo({"uncertainty_penalty": 0.5}),
+        Unprocessable,
+        "config.uncertainty_penalty",
+    ),
+    (
+        "ppo-objective-lambda-negative",
+        ppo({"reward_objective": "uncertainty_weighted", "objective_lambda": -1}),
+        Unprocessable,
+        "config.objective_lambda",
+    ),
     # ---- reward ------------------------------------------------------------------------------
     ("rm-prompts", reward(prompts=["a"]), Unprocessable, "prompts"),
     ("rm-prompts-file", reward(prompts_file="prompts.jsonl"), Unprocessable, "prompts_file"),
@@ -307,6 +325,19 @@ async def test_ppo_config_values_win(settings: Settings, runtime: Runtime) -> No
         assert c[k] == v
     no_cpus = submit(ppo(), settings, runtime).config
     assert no_cpus["torch_threads"] == settings.job_torch_threads
+
+
+async def test_ppo_ensemble_objective_allowed_with_one_model(
+    settings: Settings, runtime: Runtime
+) -> None:
+    """An ensemble objective reduces to the plain reward of a single model: accepted (the
+    uncertainty controller and penalty, which would silently do nothing, are refused)."""
+    fields = {"reward_objective": "worst_case", "objective_lambda": 0.5,
+              "uncertainty_kl_scale": 2.0}  # fmt: skip
+    c = submit(ppo(fields), settings, runtime).config
+    for k, v in fields.items():
+        assert c[k] == v
+    assert c["kl_controller"] == "fixed" and c["uncertainty_penalty"] == 0.0
 
 
 @pytest.mark.parametrize(

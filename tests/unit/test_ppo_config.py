@@ -49,6 +49,16 @@ BAD = [
     ({"prompts": ["only one"], "eval_fraction": 0.5}, "eval_fraction"),
     ({"reward_url": "ftp://x"}, "reward_url"),
     ({"no_such_field": 1}, "no_such_field"),
+    # tiny-rm is a single model: nothing to take an uncertainty from
+    ({"kl_controller": "uncertainty"}, "kl_controller"),
+    ({"uncertainty_penalty": 0.1}, "uncertainty_penalty"),
+    ({"kl_controller": "uncertainty", "reward_url": "http://x/get_reward"}, "kl_controller"),
+    ({"uncertainty_penalty": -1}, "uncertainty_penalty"),
+    ({"uncertainty_kl_scale": -1}, "uncertainty_kl_scale"),
+    ({"uncertainty_kl_ref": 0}, "uncertainty_kl_ref"),
+    ({"uncertainty_kl_base": "uncertainty"}, "uncertainty_kl_base"),
+    ({"reward_objective": "median"}, "reward_objective"),
+    ({"objective_lambda": -0.5}, "objective_lambda"),
 ]
 
 
@@ -108,3 +118,29 @@ def test_remote_reward_model_is_not_looked_up_locally(repo: Path, tmp_path: Path
     assert load_config(path, with_url).reward_model == "served-elsewhere"
     with pytest.raises(ConfigError, match="reward_model"):
         load_config(path)
+
+
+def test_single_model_refusals_say_why(repo: Path, tmp_path: Path) -> None:
+    path = write(tmp_path / "c.yaml", **base(repo), kl_controller="uncertainty")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert e.value.field == "kl_controller"
+    assert "'tiny-rm' is a single model" in str(e.value)
+
+
+def test_ensemble_objectives_and_remote_uncertainty_are_accepted(
+    repo: Path, tmp_path: Path
+) -> None:
+    """Objectives reduce to the plain reward of a single model: allowed. A remote service's
+    model is checked when it scores (the trainer) or at job submission, not here."""
+    for objective in ("mean", "worst_case", "uncertainty_weighted"):
+        cfg = load_config(write(tmp_path / "o.yaml", **base(repo), reward_objective=objective))
+        assert cfg.reward_objective == objective
+    remote = write(tmp_path / "r.yaml", **base(repo), kl_controller="uncertainty",
+                   uncertainty_penalty=0.5, uncertainty_kl_ref=None)  # fmt: skip
+    cfg = load_config(remote, remote_reward=True)
+    assert (cfg.kl_controller, cfg.uncertainty_penalty, cfg.uncertainty_kl_ref) == (
+        "uncertainty",
+        0.5,
+        None,
+    )

@@ -11,6 +11,7 @@ from rewardserve.training.ppo.core import (
     AdaptiveKLController,
     FixedKLController,
     RunningMoments,
+    UncertaintyKLController,
     apply_missing_eos_penalty,
     clipped_policy_loss,
     clipped_value_loss,
@@ -24,6 +25,8 @@ from rewardserve.training.ppo.core import (
     masked_whiten,
     rloo_advantages,
     token_rewards,
+    uncertainty_kl_coefs,
+    uncertainty_penalty,
 )
 
 # Two responses: 4 real tokens, and 2 real tokens then padding.
@@ -221,3 +224,68 @@ def test_logprobs_and_entropy_from_logits() -> None:
     h = entropy_from_logits(logits)
     assert h[0, 0].item() == pytest.approx(math.log(2))
     assert h[0, 1].item() == pytest.approx(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)))
+
+
+# ---- uncertainty-aware KL ---------------------------------------------------------------------
+
+
+def test_zero_uncertainty_gives_every_sample_exactly_the_base_beta() -> None:
+    sigma = torch.zeros(3)
+    for ref in (1.0, 0.3, None):  # None: the batch mean, 0 here
+        assert (
+            uncertainty_kl_coefs(0.05, sigma, 2.0, ref).tolist() == [torch.tensor(0.05).item()] * 3
+        )
+    kl = torch.tensor([[0.3, -0.1, 0.2, 0.4], [0.5, 0.1, 0.0, 0.0]]) * MASK
+    scores = torch.tensor([1.0, -2.0])
+    per_sample = token_rewards(
+        scores, kl, MASK, uncertainty_kl_coefs(0.05, torch.zeros(2), 2.0, 1.0)
+    )
+    batch = token_rewards(scores, kl, MASK, 0.05)
+    for a, b in zip(per_sample, batch, strict=True):
+        assert torch.equal(a, b)  # exactly, not approximately
+
+
+def test_a_more_uncertain_sample_gets_a_larger_beta_and_only_it() -> None:
+    low = torch.tensor([0.1, 0.2, 0.3])
+    high = torch.tensor([0.1, 0.9, 0.3])
+    a, b = uncertainty_kl_coefs(0.1, low, 2.0, 0.5), uncertainty_kl_coefs(0.1, high, 2.0, 0.5)
+    # β_i = β·(1 + scale·σ_i/σ_ref)
+    assert a.tolist() == pytest.approx([0.1 * (1 + 2 * s / 0.5) for s in low.tolist()])
+    assert b[1] > a[1]
+    assert b[0] == a[0] and b[2] == a[2]
+    # σ_ref = the batch mean: β is redistributed, its mean factor is 1 + scale
+    c = uncertainty_kl_coefs(0.1, high, 2.0, None)
+    assert c.mean().item() == pytest.approx(0.1 * 3)
+    assert c.argsort().tolist() == high.argsort().tolist()
+    # scale 0: the base β everywhere, whatever σ
+    assert uncertainty_kl_coefs(0.1, high, 0.0, 0.5).tolist() == [torch.tensor(0.1).item()] * 3
+
+
+def test_a_per_sample_beta_scales_only_its_own_rows_kl() -> None:
+    kl = torch.ones(2, 4) * MASK
+    _, non_score = token_rewards(torch.zeros(2), kl, MASK, torch.tensor([0.1, 0.5]))
+    expected = torch.tensor([[-0.1] * 4, [-0.5, -0.5, 0.0, 0.0]])
+    assert torch.allclose(non_score, expected)
+
+
+def test_uncertainty_penalty_is_r_minus_lambda_sigma() -> None:
+    r, sigma = torch.tensor([1.0, 0.0, -1.0]), torch.tensor([0.5, 0.0, 2.0])
+    assert uncertainty_penalty(r, sigma, 0.4).tolist() == pytest.approx([0.8, 0.0, -1.8])
+    assert uncertainty_penalty(r, sigma, 0.0) is r  # λ = 0: untouched
+    assert uncertainty_penalty(r, None, 0.4) is r  # no ensemble: untouched
+    assert torch.equal(uncertainty_penalty(r, torch.zeros(3), 0.4), r)  # σ = 0: exactly r
+
+
+@pytest.mark.parametrize("base", ["fixed", "adaptive"])
+def test_the_uncertainty_controller_moves_its_base_beta_as_the_base_does(base: str) -> None:
+    ctl = make_kl_controller("uncertainty", 0.2, 6.0, 10_000, base=base, scale=1.0, ref=1.0)  # type: ignore[arg-type]
+    ref = make_kl_controller(base, 0.2, 6.0, 10_000)  # type: ignore[arg-type]
+    assert isinstance(ctl, UncertaintyKLController)
+    for kl in (9.0, 5.4, 1.0):
+        ctl.update(kl, 512)
+        ref.update(kl, 512)
+        assert ctl.value == ref.value
+    assert ctl.coefs(torch.tensor([0.0, 1.0])).tolist() == pytest.approx([ref.value, 2 * ref.value])
+    restored = make_kl_controller("uncertainty", 1.0, 6.0, 10_000, base=base)  # type: ignore[arg-type]
+    restored.load_state_dict(ctl.state_dict())
+    assert restored.value == ctl.value

@@ -1,5 +1,5 @@
-"""A job's curves as one PNG: reward, KL, β, losses, entropy and response length over steps
-(reward-model jobs: loss, accuracy and learning rate).
+"""A job's curves as one PNG: reward, KL, β, an ensemble's uncertainty, losses, entropy and
+response length over steps (reward-model jobs: loss, accuracy and learning rate).
 
 Built on a bare Figure with the Agg canvas, never pyplot: pyplot keeps global state that is
 not thread-safe, and the route renders in a worker thread.
@@ -25,10 +25,19 @@ PANELS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
             ("objective/scores", "score"),
             ("objective/rlhf_reward", "score − β·KL"),
             ("objective/raw_scores", "raw score"),
+            ("objective/reward_objective", "ensemble objective"),
+            ("objective/members_mean", "members' mean"),
         ),
     ),
     ("KL to reference", (("objective/kl", "KL"),)),
-    ("β (kl_coef)", (("kl_coef", "β"),)),
+    ("β (kl_coef)", (("kl_coef", "β"), ("kl_coef_effective", "mean β_i (uncertainty)"))),
+    (
+        "ensemble uncertainty",
+        (
+            ("objective/uncertainty", "mean σ"),
+            ("objective/uncertainty_penalty", "mean λ·σ"),
+        ),
+    ),
     (
         "losses",
         (

@@ -121,6 +121,29 @@ def _reward_model(runtime: Any, name: str | None) -> str:
         ) from None
 
 
+def _check_ensemble(cfg: PPOConfig, runtime: Any) -> None:
+    """A setting that needs an ensemble's uncertainty, with a loaded reward model that is none
+    (no `ensemble` section in its manifest, read defensively): refused now, not after the
+    job's first rollout. Ensemble objectives are allowed: with one model they are its reward."""
+    field = (
+        "kl_controller"
+        if cfg.kl_controller == "uncertainty"
+        else "uncertainty_penalty"
+        if cfg.uncertainty_penalty > 0
+        else None
+    )
+    if field is None:
+        return
+    manifest = runtime.scoring.resolve(cfg.reward_model).manifest
+    if getattr(manifest, "ensemble", None) is None:
+        raise Unprocessable(
+            f"config.{field}: needs the reward ensemble's uncertainty, and reward model "
+            f"'{cfg.reward_model}' is a single model; name an ensemble reward model or use "
+            "kl_controller fixed|adaptive and uncertainty_penalty 0",
+            field=f"config.{field}",
+        )
+
+
 def _export_name(policy: str, job_id: str) -> str:
     suffix = f"-ppo-{job_id}"
     return policy[: 64 - len(suffix)] + suffix  # within the repository's 64-character names
@@ -168,6 +191,7 @@ def _validate_ppo(req: JobCreate, job_id: str, settings: Settings, runtime: Any)
             "export_name": cfg.export_name or _export_name(cfg.policy, job_id),
         }
     )
+    _check_ensemble(cfg, runtime)
     return ValidatedJob(cfg.model_dump(mode="json"), cfg.total_steps)
 
 

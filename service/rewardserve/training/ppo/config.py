@@ -79,6 +79,29 @@ def _resolve_model(kind: Kind, name: str | None, info: ValidationInfo) -> str | 
     return canonical
 
 
+def _needs_ensemble(what: str, info: ValidationInfo) -> None:
+    """Refuse a setting that needs an ensemble's uncertainty when the reward model is known
+    not to be one. An OpenRLHF URL never sends one; a local reward model is an ensemble when
+    its manifest has an `ensemble` section (read defensively: a registry without ensembles
+    has none); a remote service's model is checked when the run scores its first batch (and
+    by the jobs API at submission)."""
+    why = f"{what} the reward ensemble's uncertainty"
+    if info.data.get("reward_url"):
+        raise ValueError(f"{why}, and a reward_url (OpenRLHF /get_reward) returns rewards only")
+    if (info.context or {}).get("remote_reward"):
+        return
+    repo, name = _repository(info), info.data.get("reward_model")
+    if repo is None or name is None:
+        return  # reported on its own field
+    manifest = repo.entries[name].manifest
+    if getattr(manifest, "ensemble", None) is None:
+        raise ValueError(
+            f"{why}, and reward model '{name}' is a single model (no `ensemble` in its "
+            "manifest); name an ensemble reward model or use kl_controller fixed|adaptive "
+            "and uncertainty_penalty 0"
+        )
+
+
 class PPOConfig(BaseModel):
     model_config = ConfigDict(use_attribute_docstrings=True, extra="forbid")
 
@@ -169,14 +192,43 @@ class PPOConfig(BaseModel):
     """k1: logp - ref_logp (unbiased, may be negative per token); k3: (r - 1) - log r with
     r = ref/p (unbiased, never negative, lower variance)."""
 
-    kl_controller: Literal["fixed", "adaptive"] = "fixed"
-    """fixed β, or adaptive (Ziegler et al. 2019): β moves towards target_kl."""
+    kl_controller: Literal["fixed", "adaptive", "uncertainty"] = "fixed"
+    """fixed β; adaptive (Ziegler et al. 2019): β moves towards target_kl; uncertainty: each
+    sample's β_i = β·(1 + uncertainty_kl_scale·σ_i/σ_ref), σ_i the ensemble reward model's
+    standard deviation over its members on that sample (needs an ensemble), β itself set by
+    `uncertainty_kl_base`."""
+
+    uncertainty_kl_base: Literal["fixed", "adaptive"] = "fixed"
+    """uncertainty only: the controller of the base β the per-sample factor multiplies."""
+
+    uncertainty_kl_scale: float = Field(1.0, ge=0.0)
+    """uncertainty only: how fast β_i grows with σ_i (0: β_i = β, the base controller)."""
+
+    uncertainty_kl_ref: float | None = Field(1.0, gt=0.0)
+    """uncertainty only: σ_ref, the uncertainty at which β_i = β·(1 + scale). A number: fixed,
+    on the normalized-reward scale (1.0: one reward standard deviation), so β tightens as the
+    whole batch drifts where the members disagree. None: the batch's mean σ, so β is only
+    redistributed towards the batch's more uncertain samples (mean factor 1 + scale)."""
 
     target_kl: float = Field(6.0, gt=0.0)
     """adaptive only: the sequence KL the controller aims at."""
 
     horizon: int = Field(10000, ge=1)
     """adaptive only: how many sequences the controller's correction is spread over."""
+
+    reward_objective: Literal["mean", "worst_case", "uncertainty_weighted"] = "mean"
+    """How an ensemble's member rewards become a sample's score (Coste et al. 2023): mean: the
+    reward the service gives (the members' mean); worst_case: the lowest member; uncertainty_
+    weighted: members' mean − objective_lambda·variance. worst_case and uncertainty_weighted
+    are on the members' (normalized) scale. With one reward model all three are its reward."""
+
+    objective_lambda: float = Field(1.0, ge=0.0)
+    """uncertainty_weighted only: λ, the weight of the members' variance."""
+
+    uncertainty_penalty: float = Field(0.0, ge=0.0)
+    """λ of the uncertainty penalty: each score becomes r − λ·σ, σ the members' standard
+    deviation on that sample (0: none; > 0 needs an ensemble). Applied before
+    normalize_rewards and reward_clip."""
 
     gamma: float = Field(1.0, ge=0.0, le=1.0)
     """GAE discount."""
@@ -255,6 +307,20 @@ class PPOConfig(BaseModel):
         if info.data.get("reward_url") or (info.context or {}).get("remote_reward"):
             return v  # scored elsewhere: that service knows its models, not this repository
         return _resolve_model("reward", v, info)
+
+    @field_validator("kl_controller")
+    @classmethod
+    def _controller_needs_ensemble(cls, v: str, info: ValidationInfo) -> str:
+        if v == "uncertainty":
+            _needs_ensemble("kl_controller: uncertainty scales β by", info)
+        return v
+
+    @field_validator("uncertainty_penalty")
+    @classmethod
+    def _penalty_needs_ensemble(cls, v: float, info: ValidationInfo) -> float:
+        if v > 0:
+            _needs_ensemble(f"uncertainty_penalty {v} subtracts λ·σ,", info)
+        return v
 
     @field_validator("prompts_file")
     @classmethod

@@ -91,12 +91,23 @@ def last_index(mask: torch.Tensor) -> torch.Tensor:
     return (mask.sum(1).long() - 1).clamp(min=0)
 
 
+KLCoef = float | torch.Tensor
+"""β: one number for the batch, or one per sequence (shape B: the uncertainty controller)."""
+
+
+def kl_non_score(kl: torch.Tensor, mask: torch.Tensor, kl_coef: KLCoef) -> torch.Tensor:
+    """-β·KL at every real token; a per-sequence β multiplies its own row."""
+    if isinstance(kl_coef, torch.Tensor):
+        kl_coef = kl_coef.to(kl.dtype)[:, None]
+    return -kl_coef * kl * mask
+
+
 def token_rewards(
-    scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float
+    scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: KLCoef
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token rewards of the RLHF objective: -β·KL at every token, plus the reward model's
     score at the last token. Returns (rewards, non_score_rewards)."""
-    non_score = -kl_coef * kl * mask
+    non_score = kl_non_score(kl, mask, kl_coef)
     rewards = non_score.clone()
     rows = torch.arange(rewards.shape[0], device=rewards.device)
     rewards[rows, last_index(mask)] += scores.to(rewards.dtype)
@@ -253,9 +264,81 @@ class AdaptiveKLController(FixedKLController):
         self.value *= 1.0 + error * n_steps / self.horizon
 
 
+def uncertainty_penalty(
+    scores: torch.Tensor, uncertainty: torch.Tensor | None, lam: float
+) -> torch.Tensor:
+    """r − λ·σ (Zhai et al. 2023, uncertainty-penalized RLHF): a sample the ensemble's members
+    disagree on is worth less. λ = 0 or no uncertainty: the scores unchanged."""
+    if not lam or uncertainty is None:
+        return scores
+    return scores - lam * uncertainty.to(scores.dtype)
+
+
+def uncertainty_kl_coefs(
+    beta: float, uncertainty: torch.Tensor, scale: float, ref: float | None
+) -> torch.Tensor:
+    """β_i = β·(1 + scale·σ_i/σ_ref) for each sequence; σ_ref = `ref`, or the batch's mean σ
+    when `ref` is None (a batch with no uncertainty at all: every β_i = β).
+
+    Linear in σ rather than exponential: exact at σ = 0, monotone, and it grows no faster
+    than the uncertainty itself, so one sample the members wildly disagree on gets a strong
+    pull to the reference without its KL term swamping every other sample's advantage (an
+    exponential factor would). The penalty β_i·KL is then β·KL + β·scale·(σ_i/σ_ref)·KL: the
+    base objective plus an uncertainty-weighted KL regulariser, in the spirit of variance-
+    aware policy regularisation (Banerjee et al. 2025, "Towards Reliable, Uncertainty-Aware
+    Alignment")."""
+    sigma = uncertainty.float()
+    sigma_ref = sigma.mean().item() if ref is None else ref
+    ratio = sigma / sigma_ref if sigma_ref > 0 else torch.zeros_like(sigma)
+    return torch.full_like(sigma, beta) * (1.0 + scale * ratio)
+
+
+class UncertaintyKLController:
+    """β_i per sample from the ensemble's uncertainty (uncertainty_kl_coefs); the base β is
+    the `base` controller's (fixed or adaptive), which it updates as it always does, so with
+    σ = 0 everywhere this is exactly the base controller."""
+
+    def __init__(self, base: FixedKLController, scale: float, ref: float | None) -> None:
+        self.base, self.scale, self.ref = base, scale, ref
+
+    @property
+    def value(self) -> float:
+        return self.base.value
+
+    def coefs(self, uncertainty: torch.Tensor) -> torch.Tensor:
+        return uncertainty_kl_coefs(self.base.value, uncertainty, self.scale, self.ref)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        self.base.update(current_kl, n_steps)
+
+    def state_dict(self) -> dict[str, float]:
+        return self.base.state_dict()
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.base.load_state_dict(state)
+
+
+KLController = FixedKLController | UncertaintyKLController
+
+
 def make_kl_controller(
-    kind: Literal["fixed", "adaptive"], kl_coef: float, target_kl: float, horizon: int
-) -> FixedKLController:
+    kind: Literal["fixed", "adaptive", "uncertainty"],
+    kl_coef: float,
+    target_kl: float,
+    horizon: int,
+    *,
+    base: Literal["fixed", "adaptive"] = "fixed",
+    scale: float = 1.0,
+    ref: float | None = 1.0,
+) -> KLController:
+    """`base`, `scale`, `ref`: the uncertainty controller's (uncertainty_kl_base, _scale,
+    _ref)."""
+    if kind == "uncertainty":
+        return UncertaintyKLController(
+            make_kl_controller(base, kl_coef, target_kl, horizon),  # type: ignore[arg-type]
+            scale,
+            ref,
+        )
     if kind == "adaptive":
         return AdaptiveKLController(kl_coef, target_kl, horizon)
     return FixedKLController(kl_coef)

@@ -20,6 +20,7 @@ from rewardserve.client._common import Closing
 from rewardserve.engine.inputs import join_pair, render_hh
 from rewardserve.schemas.bon import PromptInput
 from rewardserve.schemas.scoring import ChatMessage, ScoreItem
+from rewardserve.training.ppo.rewards import RewardBatch, batch_of_results
 
 # The server's default --max-items-per-request is 512; stay well under it.
 DEFAULT_ITEMS_PER_REQUEST = 256
@@ -49,7 +50,11 @@ def service_item(prompt: PromptInput, response: str) -> ScoreItem | str:
 
 
 class ServiceReward(Closing):
-    """Raw rewards from a running rewardserve (gRPC `Score`)."""
+    """Raw rewards from a running rewardserve (gRPC `Score`), with an ensemble's members and
+    uncertainty (ScoreResult fields 6 and 7) where the service sends them."""
+
+    ensemble: bool | None = None
+    """Unknown until the first batch is scored: the model list does not say."""
 
     def __init__(
         self,
@@ -84,13 +89,16 @@ class ServiceReward(Closing):
         )
 
     def score(self, prompts: Sequence[PromptInput], responses: Sequence[str]) -> list[float]:
+        return self.score_batch(prompts, responses).rewards
+
+    def score_batch(self, prompts: Sequence[PromptInput], responses: Sequence[str]) -> RewardBatch:
         _pairs(prompts, responses)
         items = [service_item(p, r) for p, r in zip(prompts, responses, strict=True)]
-        rewards: list[float] = []
+        results: list[Any] = []
         for start in range(0, len(items), self.items_per_request):
             chunk = items[start : start + self.items_per_request]
-            rewards.extend(r.reward for r in self.client.score(chunk, self.model).results)
-        return rewards
+            results.extend(self.client.score(chunk, self.model).results)
+        return batch_of_results(results)
 
     def close(self) -> None:
         self.client.close()
@@ -151,6 +159,7 @@ class OpenRLHFReward(Closing):
     """Raw rewards from a server in OpenRLHF's remote reward-model shape: POST
     {"query": [full texts], "prompts": [...], "labels": [...]} to `url`, read "rewards".
     Retries 429 and 503 (honouring Retry-After) and connection failures, within `timeout_s`.
+    That shape has rewards only: never an ensemble's members or uncertainty.
 
     `render(prompt, response)` makes each full text (default: HH text, what rewardserve
     scores for a model without a chat template); the reward model's name is `model`."""
@@ -167,6 +176,7 @@ class OpenRLHFReward(Closing):
         items_per_request: int = DEFAULT_ITEMS_PER_REQUEST,
     ) -> None:
         self.url, self.timeout_s, self.model, self.render = url, timeout_s, model, render
+        self.ensemble = False
         self.retry = retry or RetryPolicy()
         self.items_per_request = items_per_request
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}

@@ -1,19 +1,83 @@
-"""Where rewards come from: the RewardSource protocol and the in-process scorer."""
+"""Where rewards come from: the RewardSource protocol and the in-process scorer.
+
+A source gives each sample its reward, and (an ensemble reward model) the members' rewards
+and their standard deviation: RewardBatch. Sources that only know rewards (a custom
+`score`, OpenRLHF's /get_reward, a single model) give None for both, and `score_batch`
+wraps them, so the trainer asks every source the same way.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from rewardserve.bon.service import reward_item
 from rewardserve.config import Settings
 from rewardserve.engine.scoring import ScoringEngine
 from rewardserve.schemas.bon import PromptInput
+from rewardserve.schemas.scoring import ScoreRequest
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RewardBatch:
+    rewards: list[float]
+    """RAW rewards, one per response (for an ensemble: as the service combines its members)."""
+    members: list[list[float] | None] | None = None
+    """Each response's member rewards (normalized, as ScoreResult.members); None: not an
+    ensemble (or a source that cannot tell)."""
+    uncertainty: list[float] | None = None
+    """Each response's standard deviation over the members (ScoreResult.uncertainty, on the
+    normalized scale); None: not an ensemble."""
+
+    @property
+    def is_ensemble(self) -> bool:
+        return self.uncertainty is not None
+
+
+def _std(members: Sequence[float]) -> float:
+    mean = sum(members) / len(members)
+    return math.sqrt(sum((m - mean) ** 2 for m in members) / len(members))
+
+
+def batch_of_results(results: Sequence[Any]) -> RewardBatch:
+    """RewardBatch of ScoreResult-shaped objects (REST, gRPC or in-process). `uncertainty` and
+    `members` are read with getattr: a service (or engine) that predates them gives a
+    single-model batch. A result with members but no uncertainty gets the members' std."""
+    rewards = [float(r.reward) for r in results]
+    members: list[list[float] | None] = []
+    sigma: list[float | None] = []
+    for r in results:
+        m = getattr(r, "members", None)
+        m = [float(x) for x in m] if m else None
+        u = getattr(r, "uncertainty", None)
+        if u is None and m is not None and len(m) > 1:
+            u = _std(m)
+        members.append(m)
+        sigma.append(None if u is None else float(u))
+    if all(u is None for u in sigma):
+        return RewardBatch(rewards, None if all(m is None for m in members) else members)
+    # an ensemble scores every sample; a missing σ here would be a service bug, not "certain"
+    if any(u is None for u in sigma):
+        raise ValueError("the reward service gave an uncertainty for some results only")
+    return RewardBatch(rewards, members, [u for u in sigma if u is not None])
+
+
+def score_batch(
+    source: RewardSource, prompts: Sequence[PromptInput], responses: Sequence[str]
+) -> RewardBatch:
+    """The source's RewardBatch: its own `score_batch` where it has one, else its plain
+    rewards (no members, no uncertainty)."""
+    detailed = getattr(source, "score_batch", None)
+    if detailed is not None:
+        return detailed(prompts, responses)  # type: ignore[no-any-return]
+    return RewardBatch(list(source.score(prompts, responses)))
 
 
 class RewardSource(Protocol):
@@ -26,6 +90,9 @@ class RewardSource(Protocol):
         ...
 
     def close(self) -> None: ...
+
+    # Optional (see score_batch): score_batch(prompts, responses) -> RewardBatch, and
+    # `ensemble: bool | None` (None: the source cannot tell before it scores).
 
 
 class InProcessReward:
@@ -46,6 +113,9 @@ class InProcessReward:
         info = self._run(self.engine.load(name))
         self.model: str = info.id
         self._chunk = settings.max_items_per_request
+        # the manifest's `ensemble` section (read defensively: older manifests have none)
+        manifest = self.engine.resolve(self.model).manifest
+        self.ensemble: bool | None = getattr(manifest, "ensemble", None) is not None
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
@@ -68,6 +138,22 @@ class InProcessReward:
             )
             rewards.extend(self._run(work)[2])
         return rewards
+
+    def score_batch(self, prompts: Sequence[PromptInput], responses: Sequence[str]) -> RewardBatch:
+        """Rewards with an ensemble's members and uncertainty. A single model takes `score`'s
+        path (the same rewards as ever); an ensemble goes through the engine's `score`, the
+        path /v1/score takes, which is where members and uncertainty are made."""
+        if not self.ensemble:
+            return RewardBatch(self.score(prompts, responses))
+        items = [reward_item(p, r) for p, r in zip(prompts, responses, strict=True)]
+        results: list[Any] = []
+        for start in range(0, len(items), self._chunk):
+            # built unvalidated, as reward_item's items: an empty response is a legal answer
+            req = ScoreRequest.model_construct(
+                model=self.model, items=items[start : start + self._chunk]
+            )
+            results.extend(self._run(self.engine.score(req, timeout_s=3600.0)).results)
+        return batch_of_results(results)
 
     def close(self) -> None:
         if self._loop.is_closed():

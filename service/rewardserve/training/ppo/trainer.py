@@ -22,6 +22,7 @@ from rewardserve.modeling import pad_token_id
 from rewardserve.registry.dtypes import resolve_dtype
 from rewardserve.registry.manifest import ModelManifest, resolve_source
 from rewardserve.registry.repository import ModelRepository
+from rewardserve.rewards.objectives import objective_values
 from rewardserve.training.ppo import core
 from rewardserve.training.ppo.checkpoint import (
     checkpoints,
@@ -42,7 +43,7 @@ from rewardserve.training.ppo.model import (
     policy_forward,
     sequence_logprobs,
 )
-from rewardserve.training.ppo.rewards import RewardSource
+from rewardserve.training.ppo.rewards import RewardBatch, RewardSource, score_batch
 from rewardserve.training.ppo.rollout import RolloutBackend, TransformersRollout, eos_token_ids
 from rewardserve.training.ppo.update import Rollouts, ppo_update
 
@@ -73,7 +74,29 @@ RESUMABLE_CHANGES = frozenset(
 
 def changed_fields(saved: dict[str, Any], config: PPOConfig) -> list[str]:
     now = config.model_dump(mode="json")
-    return sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
+    # a field the checkpoint predates ran at its default
+    defaults = PPOConfig.model_construct().model_dump(mode="json")
+    return sorted(
+        k for k in now if k not in RESUMABLE_CHANGES and saved.get(k, defaults.get(k)) != now[k]
+    )
+
+
+def needs_uncertainty(config: PPOConfig) -> str | None:
+    """The field that needs an ensemble's uncertainty (None: none does)."""
+    if config.kl_controller == "uncertainty":
+        return "kl_controller"
+    if config.uncertainty_penalty > 0:
+        return "uncertainty_penalty"
+    return None
+
+
+def no_ensemble_error(field: str, model: str) -> ConfigError:
+    return ConfigError(
+        field,
+        f"needs the reward ensemble's uncertainty, and reward model '{model}' gave none "
+        "(a single model, or a service without ensembles); name an ensemble reward model or "
+        "use kl_controller fixed|adaptive and uncertainty_penalty 0",
+    )
 
 
 def prompt_display(prompt: Any) -> str:
@@ -103,6 +126,9 @@ class PPOTrainer:
     ) -> None:
         self.config = c = config
         self.reward = reward
+        needed = needs_uncertainty(c)
+        if needed and getattr(reward, "ensemble", None) is False:
+            raise no_ensemble_error(needed, reward.model)  # before any model loads
         self.output_dir = Path(output_dir or c.output_dir)
         self.show_progress = progress
         if c.torch_threads:
@@ -142,7 +168,10 @@ class PPOTrainer:
             self.scheduler = torch.optim.lr_scheduler.ConstantLR(
                 self.optimizer, factor=1.0, total_iters=0
             )
-        self.kl_ctl = core.make_kl_controller(c.kl_controller, c.kl_coef, c.target_kl, c.horizon)
+        self.kl_ctl = core.make_kl_controller(
+            c.kl_controller, c.kl_coef, c.target_kl, c.horizon,
+            base=c.uncertainty_kl_base, scale=c.uncertainty_kl_scale, ref=c.uncertainty_kl_ref,
+        )  # fmt: skip
         self.moments = core.RunningMoments()
         self.step, self.episode = 0, 0
         self.run_id = time.strftime("%Y%m%d-%H%M%S")
@@ -201,9 +230,31 @@ class PPOTrainer:
             ref = sequence_logprobs(self.reference, batch, c.temperature, c.mini_batch_size)
         return torch.cat(logps), torch.cat(values), ref
 
-    def _scores(self, raw: list[float], has_eos: torch.Tensor) -> torch.Tensor:
+    def _objective(self, rewards: RewardBatch) -> list[float]:
+        """Each sample's score before shaping: its reward (objective mean, or no members) or
+        the ensemble objective of its members."""
+        c = self.config
+        if c.reward_objective == "mean" or rewards.members is None:
+            return rewards.rewards
+        return objective_values(
+            c.reward_objective, rewards.members, c.objective_lambda, rewards.rewards
+        )
+
+    def _uncertainty(self, rewards: RewardBatch) -> torch.Tensor | None:
+        if rewards.uncertainty is None:
+            needed = needs_uncertainty(self.config)
+            if needed:  # the first batch of a remote source that is no ensemble
+                raise no_ensemble_error(needed, self.reward.model)
+            return None
+        return torch.tensor(rewards.uncertainty, dtype=torch.float32, device=self.device)
+
+    def _scores(
+        self, raw: list[float], has_eos: torch.Tensor, uncertainty: torch.Tensor | None = None
+    ) -> torch.Tensor:
         c = self.config
         scores = torch.tensor(raw, dtype=torch.float32, device=self.device)
+        # in reward units, before normalisation rescales the reward and the penalty alike
+        scores = core.uncertainty_penalty(scores, uncertainty, c.uncertainty_penalty)
         if c.normalize_rewards:
             self.moments.update(scores)
             scores = self.moments.normalize(scores)
@@ -212,16 +263,30 @@ class PPOTrainer:
         # after normalisation and clipping, so a response without EOS loses exactly the penalty
         return core.apply_missing_eos_penalty(scores, has_eos, c.missing_eos_penalty)
 
+    def _kl_coefs(self, uncertainty: torch.Tensor | None) -> core.KLCoef:
+        """β for the batch, or β_i per sequence (the uncertainty controller)."""
+        if isinstance(self.kl_ctl, core.UncertaintyKLController):
+            assert uncertainty is not None  # _uncertainty refused a batch without
+            return self.kl_ctl.coefs(uncertainty)
+        return self.kl_ctl.value
+
     def _advantages(
-        self, scores: torch.Tensor, kl: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
+        self,
+        scores: torch.Tensor,
+        kl: torch.Tensor,
+        values: torch.Tensor,
+        mask: torch.Tensor,
+        beta: core.KLCoef | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """(advantages, returns (gae only), non-score rewards)."""
-        c, beta = self.config, self.kl_ctl.value
+        """(advantages, returns (gae only), non-score rewards). `beta`: the step's β or β_i
+        (None: the controller's β)."""
+        c = self.config
+        beta = self.kl_ctl.value if beta is None else beta
         if c.advantage_estimator == "gae":
             rewards, non_score = core.token_rewards(scores, kl, mask, beta)
             adv, returns = core.gae(rewards, values, mask, c.gamma, c.lam)
         else:
-            non_score = -beta * kl * mask
+            non_score = core.kl_non_score(kl, mask, beta)
             seq = scores + non_score.sum(1)
             fn = core.rloo_advantages if c.advantage_estimator == "rloo" else core.grpo_advantages
             adv, returns = fn(seq, c.samples_per_prompt)[:, None] * mask, None
@@ -252,7 +317,8 @@ class PPOTrainer:
         old_logp, old_values, ref_logp = self._old_stats(batch)
         t1 = time.perf_counter()
         texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
-        raw = self.reward.score(prompts, texts)
+        rewards = score_batch(self.reward, prompts, texts)
+        raw = rewards.rewards
         t2 = time.perf_counter()
         # one response of each of the first prompts: the samples a watcher reads
         k = c.samples_per_prompt
@@ -262,10 +328,13 @@ class PPOTrainer:
 
         mask = batch.mask
         has_eos = torch.tensor([bool(r) and r[-1] in self.eos_ids for r in responses])
-        scores = self._scores(raw, has_eos.to(self.device))
+        uncertainty = self._uncertainty(rewards)
+        objective = self._objective(rewards)
+        scores = self._scores(objective, has_eos.to(self.device), uncertainty)
         kl = core.kl_penalty(old_logp, ref_logp, c.kl_estimator) * mask
         beta = self.kl_ctl.value
-        adv, returns, non_score = self._advantages(scores, kl, old_values, mask)
+        betas = self._kl_coefs(uncertainty)
+        adv, returns, non_score = self._advantages(scores, kl, old_values, mask, betas)
         update = self._update(batch, old_logp, old_values, adv, returns)
         seq_kl = kl.sum(1)
         self.kl_ctl.update(seq_kl.mean().item(), n_steps=len(responses))
@@ -289,6 +358,7 @@ class PPOTrainer:
             "val/num_eos_tokens": int(has_eos.sum().item()),
             "lr": self.scheduler.get_last_lr()[0],
             "kl_coef": beta,
+            **self._uncertainty_metrics(rewards, objective, uncertainty, betas),
             "response_length": mask.sum(1).mean().item(),
             "time/rollout_s": t1 - t0,
             "time/reward_s": t2 - t1,
@@ -296,6 +366,34 @@ class PPOTrainer:
             "time/weight_sync_s": t4 - t3,
             "time/step_s": t4 - t0,
         }
+
+    def _uncertainty_metrics(
+        self,
+        rewards: RewardBatch,
+        objective: list[float],
+        uncertainty: torch.Tensor | None,
+        betas: core.KLCoef,
+    ) -> dict[str, float]:
+        """An ensemble's step: mean σ, the objective's reward beside the members' mean, the
+        penalty and the mean effective β. A single model's step adds nothing."""
+        out: dict[str, float] = {}
+        if isinstance(betas, torch.Tensor):
+            out["kl_coef_effective"] = betas.double().mean().item()
+        if uncertainty is None:
+            return out
+        means = [
+            sum(m) / len(m) if m else r
+            for m, r in zip(
+                rewards.members or [None] * len(objective), rewards.rewards, strict=True
+            )
+        ]
+        out["objective/uncertainty"] = uncertainty.mean().item()
+        out["objective/members_mean"] = sum(means) / len(means)
+        out["objective/reward_objective"] = sum(objective) / len(objective)
+        if self.config.uncertainty_penalty:
+            penalty = self.config.uncertainty_penalty * uncertainty
+            out["objective/uncertainty_penalty"] = penalty.mean().item()
+        return out
 
     # ---- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -1,0 +1,1 @@
+"""Reward-side computations shared by Best-of-N and PPO (ensemble objectives)."""
