@@ -100,6 +100,15 @@ async def test_many_requests_in_chunks_match_one(plain_server, service) -> None:
         )
 
 
+def test_single_model_batch_has_no_members_or_uncertainty(service) -> None:
+    """A single reward model over gRPC: rewards as score() gives them, no members, no
+    uncertainty, so the trainer behaves exactly as without ensembles."""
+    batch = service.score_batch(PLAIN, RESPONSES)
+    assert batch.rewards == service.score(PLAIN, RESPONSES)
+    assert batch.members is None and batch.uncertainty is None and not batch.is_ensemble
+    assert service.ensemble is None  # the model list does not tell: the first batch does
+
+
 def test_unknown_reward_model_fails_at_construction(plain_server) -> None:
     with pytest.raises(NotFound) as info:
         ServiceReward(plain_server.grpc_target, reward_model="no-such-rm")
