@@ -9,7 +9,6 @@ import os
 import re
 from pathlib import Path
 
-from rewardserve.evaluation.plot import reliability_png
 from rewardserve.registry.manifest import NAME_PATTERN
 from rewardserve.schemas.evaluation import Evaluation, EvaluationSummary
 
@@ -24,6 +23,8 @@ def write_report(e: Evaluation, json_path: Path, png_path: Path | None = None) -
     """The evaluation as JSON at `json_path` and its diagram at `png_path` (default: beside
     it, .png), each written whole then renamed into place: a reader never sees half a file.
     The PNG's path."""
+    from rewardserve.evaluation.plot import reliability_png  # late: matplotlib, only to write
+
     json_path.parent.mkdir(parents=True, exist_ok=True)
     png_path = png_path or json_path.with_suffix(".png")
     # the diagram first: a JSON in the store always has its PNG beside it
