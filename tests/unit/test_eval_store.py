@@ -42,3 +42,16 @@ def test_damaged_file_and_odd_names_read_as_never_evaluated(tmp_path: Path) -> N
     path.write_text("{not json")
     assert store.latest("rm") is None
     assert store.latest("../etc") is None and store.latest("") is None
+
+
+def test_the_python_client_reads_the_evaluation_listmodels_sends() -> None:
+    from rewardserve.client._common import models_response
+    from rewardserve.grpc.convert import model_info
+    from rewardserve.schemas.models import ModelInfo
+    from rewardserve.v1 import scoring_pb2 as pb
+
+    summary = EvaluationSummary.of(evaluation(datetime(2025, 1, 2, tzinfo=UTC), 0.3))
+    info = ModelInfo(id="rm", kind="reward", status="loaded", max_length=8, evaluation=summary)
+    bare = info.model_copy(update={"evaluation": None})
+    resp = pb.ListModelsResponse(models=[model_info(info), model_info(bare)])
+    assert models_response(resp) == [info, bare]
