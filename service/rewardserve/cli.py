@@ -17,6 +17,20 @@ app = typer.Typer(help="Reward-model service for RLHF.", no_args_is_help=True)
 PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
 
 
+def flags_config(env_prefix: str) -> Any:
+    """The settings config of a command whose config class is its flags (kebab-case flags,
+    --x / --no-x for booleans, each field's docstring as its help)."""
+    from pydantic_settings import SettingsConfigDict
+
+    return SettingsConfigDict(
+        env_prefix=env_prefix,
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        use_attribute_docstrings=True,
+        extra="forbid",
+    )
+
+
 @app.command(context_settings=PASS_THROUGH)
 def serve(ctx: typer.Context) -> None:
     """Serve REST and gRPC. Every setting is a flag (--help lists them) and an env var."""
@@ -43,19 +57,13 @@ def train_rm(ctx: typer.Context) -> None:
     """Train a Bradley-Terry reward model on preference pairs (--help lists the flags)."""
     import json
 
-    from pydantic_settings import BaseSettings, SettingsConfigDict
+    from pydantic_settings import BaseSettings
 
     from rewardserve.training.reward.config import RewardTrainingConfig
     from rewardserve.training.reward.trainer import train_reward_model
 
     class TrainFlags(RewardTrainingConfig, BaseSettings):  # type: ignore[misc]
-        model_config = SettingsConfigDict(
-            env_prefix="REWARDSERVE_TRAIN_",
-            cli_kebab_case=True,
-            cli_implicit_flags=True,
-            use_attribute_docstrings=True,
-            extra="forbid",
-        )
+        model_config = flags_config("REWARDSERVE_TRAIN_")
 
     flags = CliApp.run(TrainFlags, cli_args=ctx.args)
     cfg = RewardTrainingConfig.model_validate(flags.model_dump())
@@ -63,6 +71,30 @@ def train_rm(ctx: typer.Context) -> None:
     typer.echo(
         json.dumps({k: v for k, v in report.items() if k != "config"}, indent=2, default=str)
     )
+
+
+@app.command("eval-rm", context_settings=PASS_THROUGH)
+def eval_rm(ctx: typer.Context) -> None:
+    """Evaluate a reward model on preference pairs: accuracy with its 95 % interval,
+    calibration, length bias; recorded as the model's latest evaluation (--help: flags)."""
+    from pydantic import ValidationError
+    from pydantic_settings import BaseSettings
+
+    from rewardserve.evaluation.config import EvalConfig
+
+    class EvalFlags(EvalConfig, BaseSettings):  # type: ignore[misc]
+        model_config = flags_config("REWARDSERVE_EVAL_")
+
+    try:
+        flags = CliApp.run(EvalFlags, cli_args=ctx.args)
+    except ValidationError as e:
+        typer.echo(f"rewardserve eval-rm: {e}", err=True)
+        raise typer.Exit(2) from None
+    cfg = EvalConfig.model_validate(flags.model_dump())
+    logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
+    from rewardserve.evaluation.cli import run_eval_rm
+
+    raise typer.Exit(run_eval_rm(cfg))
 
 
 @app.command("ppo")

@@ -7,6 +7,7 @@ import asyncio
 from rewardserve.bon.service import BestOfN
 from rewardserve.config import Settings
 from rewardserve.engine.scoring import ScoringEngine
+from rewardserve.evaluation.store import EvaluationStore
 from rewardserve.heap import HeapTrimmer
 from rewardserve.jobs.manager import JobManager
 from rewardserve.policy.manager import PolicyManager
@@ -22,6 +23,7 @@ class Runtime:
         self.scoring = ScoringEngine(settings, self.repository)
         self.policies = PolicyManager(settings, self.repository)
         self.bon = BestOfN(settings, self.scoring, self.policies)
+        self.evaluations = EvaluationStore(settings.data_dir)
         self.heap = HeapTrimmer(settings.heap_trim_interval_s)
         self.jobs: JobManager | None = JobManager(settings, self) if settings.jobs_enabled else None
 
@@ -51,7 +53,8 @@ class Runtime:
         return self.scoring.failures() | policies | jobs
 
     def list_models(self) -> list[ModelInfo]:
-        """Reward models and policies; a policy's status is its backend's, not the scorer's."""
+        """Reward models (each with its latest evaluation) and policies; a policy's status is
+        its backend's, not the scorer's."""
         out = []
         default_policy = self.policies.default_name()
         for info in self.scoring.list_models():
@@ -64,5 +67,7 @@ class Runtime:
                         "error": self.policies.errors.get(info.id),
                     }
                 )
+            else:
+                info = info.model_copy(update={"evaluation": self.evaluations.summary(info.id)})
             out.append(info)
         return out

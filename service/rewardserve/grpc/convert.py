@@ -13,6 +13,7 @@ from rewardserve.bon.service import ScoredCandidate
 from rewardserve.grpc.decoding import Undecodable
 from rewardserve.schemas.bon import BestOfNRequest, BestOfNResponse, RerankRequest, RerankResponse
 from rewardserve.schemas.errors import InvalidArgument, from_validation_error
+from rewardserve.schemas.evaluation import EvaluationSummary
 from rewardserve.schemas.models import ModelInfo
 from rewardserve.schemas.scoring import ScoreRequest, ScoreResponse
 from rewardserve.v1 import bon_pb2 as bon_pb
@@ -63,6 +64,13 @@ def score_response(resp: ScoreResponse) -> pb.ScoreResponse:
     )
 
 
+def model_evaluation(e: EvaluationSummary) -> pb.ModelEvaluation:
+    return pb.ModelEvaluation(
+        data=e.data, pairs=e.pairs, accuracy=e.accuracy, ci_low=e.ci_low, ci_high=e.ci_high,
+        ece=e.ece, evaluated_at=e.evaluated_at.isoformat(),
+    )  # fmt: skip
+
+
 def model_info(m: ModelInfo) -> pb.ModelInfo:
     return pb.ModelInfo(
         id=m.id,
@@ -73,6 +81,7 @@ def model_info(m: ModelInfo) -> pb.ModelInfo:
         description=m.description,
         error=m.error or "",
         aliases=m.aliases,
+        evaluation=None if m.evaluation is None else model_evaluation(m.evaluation),
     )
 
 

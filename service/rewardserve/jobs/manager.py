@@ -34,6 +34,7 @@ from rewardserve.jobs.runners.base import Launch, Runner, worker_pythonpath
 from rewardserve.jobs.runners.local import read_tail, threads_for
 from rewardserve.jobs.store import JobRecord, JobStore, now
 from rewardserve.schemas.errors import Conflict, InvalidArgument, NotFound, ServiceError
+from rewardserve.schemas.evaluation import Evaluation
 from rewardserve.schemas.job_query import MAX_LIMIT as MAX_LIST_LIMIT  # what the API documents
 from rewardserve.schemas.jobs import TERMINAL, Job, JobCreate, JobEvent, JobList, WorkerReport
 from rewardserve.supervision import SupervisedLoop
@@ -459,7 +460,11 @@ class JobManager:
             result = dict(report.result or {})
             # the worker is done; loading its model (a vLLM engine for a policy) takes a while
             name = result.get("policy") or result.get("model")
-            await self._log_event(job_id, f"the worker finished: loading {name} to serve it")
+            if rec.job.type == "reward_eval":
+                message = f"the worker finished: recording its evaluation of {name}"
+            else:
+                message = f"the worker finished: loading {name} to serve it"
+            await self._log_event(job_id, message)
             try:
                 await self._register(rec.job, result)
             except Exception as e:
@@ -470,8 +475,14 @@ class JobManager:
             await self._finish(rec, "succeeded", result=result)
 
     async def _register(self, job: Job, result: dict[str, Any]) -> None:
-        """Make a succeeded job's model servable before the job says it succeeded."""
-        if job.type == "ppo":
+        """Make a succeeded job's model servable (or record its evaluation) before the job
+        says it succeeded."""
+        if job.type == "reward_eval":
+            # the store checks it is an evaluation; its path goes into the job's result
+            e = Evaluation.model_validate(result.get("evaluation"))
+            path = await asyncio.to_thread(self.runtime.evaluations.record, e)
+            result["path"] = str(path)
+        elif job.type == "ppo":
             policy = result.get("policy")
             if not policy:
                 raise ValueError("the result names no policy")

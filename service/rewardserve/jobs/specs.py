@@ -14,12 +14,13 @@ import importlib.util
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from rewardserve.bon.offline import InputError, read_prompts
 from rewardserve.config import Settings
+from rewardserve.evaluation.run import DEFAULT_BATCH_ITEMS, batch_count, read_pairs
 from rewardserve.registry.manifest import NAME_PATTERN, ManifestError, resolve_source
 from rewardserve.registry.repository import ModelRepository
 from rewardserve.schemas.errors import (
@@ -40,6 +41,7 @@ PACKAGE_PREFIX = "package:"
 PAIRS_FILE = "pairs.jsonl"
 """Inline pairs of a reward job, written by its worker beside the trained model."""
 
+C = TypeVar("C", bound=BaseModel)
 SET_BY_SERVICE = "set by the service"
 # Fields of PPOConfig a job may not set: the service owns where a job reads and writes.
 PPO_SERVICE_FIELDS = {
@@ -85,6 +87,17 @@ def torch_threads(req: JobCreate, settings: Settings) -> int:
     return math.ceil(req.resources.cpus or settings.job_torch_threads)
 
 
+def _job_config(cls: type[C], config: dict[str, Any]) -> C:
+    """`config` as `cls`, or the 422 naming the first field at fault (config.<field>)."""
+    try:
+        return cls.model_validate(config)
+    except ValidationError as e:
+        first = e.errors()[0]
+        field = "config." + (field_path(first["loc"]) or "(root)")
+        message = first["msg"].removeprefix("Value error, ")
+        raise Unprocessable(f"{field}: {message}", field=field) from None
+
+
 def _too_many(field: str, what: str, n: int, limit: int, flag: str) -> Unprocessable:
     return Unprocessable(f"{field}: {n} {what}; at most {limit} ({flag})", field=field)
 
@@ -112,13 +125,7 @@ def _ppo_prompts(req: JobCreate, settings: Settings) -> tuple[list[Any], str]:
 
 def _reward_model(runtime: Any, name: str | None) -> str:
     """The canonical name of the loaded reward model `name` means (None: the default)."""
-    try:
-        return runtime.scoring.resolve(name).manifest.name
-    except ServiceError as e:
-        raise Unprocessable(
-            f"config.reward_model: {e.message} (jobs score with this service's loaded models)",
-            field="config.reward_model",
-        ) from None
+    return _loaded_model(runtime, name, "config.reward_model")
 
 
 def _check_ensemble(cfg: PPOConfig, runtime: Any) -> None:
@@ -331,13 +338,7 @@ def _validate_reward(req: JobCreate, job_id: str, settings: Settings) -> Validat
     for name in REWARD_SERVICE_FIELDS:
         if name in req.config:
             raise Unprocessable(f"config.{name}: {SET_BY_SERVICE}", field=f"config.{name}")
-    try:
-        cfg = RewardJobConfig.model_validate(req.config)
-    except ValidationError as e:
-        first = e.errors()[0]
-        field = "config." + (field_path(first["loc"]) or "(root)")
-        message = first["msg"].removeprefix("Value error, ")
-        raise Unprocessable(f"{field}: {message}", field=field) from None
+    cfg = _job_config(RewardJobConfig, req.config)
     name = cfg.name or f"rm-{job_id}"
     _name_free(name, settings)
     base = _resolve_base_model(cfg.base_model, settings)
@@ -364,6 +365,59 @@ def _validate_reward(req: JobCreate, job_id: str, settings: Settings) -> Validat
     return ValidatedJob(stored.model_dump(mode="json"), total_steps)
 
 
+# ---- reward_eval ---------------------------------------------------------------------------
+
+
+class EvalJobConfig(BaseModel):
+    """A reward_eval job: evaluate a loaded reward model on a preference file (the figures of
+    `rewardserve eval-rm`), scored through this service's Score."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True, extra="forbid")
+
+    model: str = Field(min_length=1)
+    """The reward model: a name or alias this service has loaded. Stored as its name."""
+
+    data: str = Field(min_length=1)
+    """Preference pairs: a .jsonl or .jsonl.gz file inside the data directory (relative to
+    it). Stored as its absolute path."""
+
+    max_pairs: int | None = Field(None, ge=1)
+    """Evaluate only the file's first N pairs."""
+
+    batch_items: int = Field(DEFAULT_BATCH_ITEMS, ge=2, le=512)
+    """Conversations per Score request (whole pairs); a step of the job is one request."""
+
+
+def _loaded_model(runtime: Any, name: str | None, field: str) -> str:
+    """The canonical name of the loaded reward model `name` (a name or an alias)."""
+    try:
+        return runtime.scoring.resolve(name).manifest.name  # type: ignore[no-any-return]
+    except ServiceError as e:
+        raise Unprocessable(
+            f"{field}: {e.message} (jobs score with this service's loaded models)", field=field
+        ) from None
+
+
+def _validate_eval(req: JobCreate, settings: Settings, runtime: Any) -> ValidatedJob:
+    if req.prompts is not None or req.prompts_file is not None:
+        field = "prompts" if req.prompts is not None else "prompts_file"
+        raise Unprocessable(
+            f"{field}: reward_eval jobs read preference pairs (config.data)", field=field
+        )
+    cfg = _job_config(EvalJobConfig, req.config)
+    model = _loaded_model(runtime, cfg.model, "config.model")
+    path = data_file(settings, cfg.data, "config.data")
+    try:
+        pairs = read_pairs(path, cfg.max_pairs)
+    except (PairDataError, UnicodeDecodeError) as e:
+        raise Unprocessable(f"config.data: {e}", field="config.data") from None
+    if len(pairs) > settings.job_max_prompts:
+        raise _too_many("config.data", "pairs", len(pairs), settings.job_max_prompts,
+                        "--job-max-prompts")  # fmt: skip
+    stored = cfg.model_copy(update={"model": model, "data": str(path)})
+    return ValidatedJob(stored.model_dump(mode="json"), batch_count(len(pairs), cfg.batch_items))
+
+
 def validate_submission(
     req: JobCreate, job_id: str, settings: Settings, runtime: Any
 ) -> ValidatedJob:
@@ -372,4 +426,6 @@ def validate_submission(
     `scoring` resolves the reward model a PPO job scores with)."""
     if req.type == "ppo":
         return _validate_ppo(req, job_id, settings, runtime)
+    if req.type == "reward_eval":
+        return _validate_eval(req, settings, runtime)
     return _validate_reward(req, job_id, settings)

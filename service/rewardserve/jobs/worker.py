@@ -15,6 +15,9 @@ PPO job scores its rollouts through the service's gRPC Score, the batcher live t
   config's name (<repo>/<name>/weights + model.yaml, renamed into place, job.json naming the
   job beside them). Reward jobs have no checkpoints: a restarted one trains again from the
   start, unless its export is already complete, which it then just reports.
+- reward_eval: the evaluation of `rewardserve eval-rm` (rewardserve.evaluation), its pairs
+  scored through the service's gRPC Score one request a step; the manager records the
+  reported evaluation in the evaluation store.
 
 Exit codes: 0 succeeded, or superseded (a report was refused with 409: another attempt owns
 the job, so this one stops at once without reporting); 1 failed (reported with the
@@ -169,6 +172,41 @@ def run_reward_job(job: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
     return result
 
 
+# ---- reward_eval ---------------------------------------------------------------------------
+
+
+def run_eval_job(
+    job: dict[str, Any], reporter: Reporter, grpc_address: str, api_key: str | None
+) -> dict[str, Any]:
+    """Score the job's pairs through the service's gRPC Score, one request a step; the
+    result carries the evaluation, which the manager records as the model's latest. Nothing
+    to resume: a restarted attempt scores again from the start."""
+    import asyncio
+
+    from rewardserve.client import AsyncRewardClient
+    from rewardserve.evaluation.run import evaluate
+
+    c = job["config"]
+
+    def on_batch(done: int, total: int, pairs: int) -> None:
+        reporter.report("step", step=done, metrics={"pairs_scored": pairs})
+
+    async def work() -> dict[str, Any]:
+        async with AsyncRewardClient(grpc_address, api_key=api_key) as client:
+
+            async def score(texts: list[str]) -> Any:
+                return (await client.score(texts, c["model"])).results
+
+            e = await evaluate(
+                c["model"], Path(c["data"]), score, max_pairs=c["max_pairs"],
+                batch_items=c["batch_items"], on_batch=on_batch,
+            )  # fmt: skip
+        return {"model": e.model, "evaluation": e.model_dump(mode="json")}
+
+    # the reporter blocks (httpx); a step report every request is cheap beside the forward
+    return asyncio.run(work())
+
+
 # ---- the attempt ---------------------------------------------------------------------------
 
 
@@ -180,6 +218,8 @@ def run_job(
         reporter.report("started", total_steps=job["total_steps"])
         if job["type"] == "ppo":
             result = run_ppo_job(job, reporter, grpc_address, api_key, resume)
+        elif job["type"] == "reward_eval":
+            result = run_eval_job(job, reporter, grpc_address, api_key)
         else:
             result = run_reward_job(job, reporter)
         reporter.report("succeeded", result=result)

@@ -1,7 +1,8 @@
 """Training jobs: what a client submits, what it reads back, and what a worker reports.
 
 The job's `config` is validated by the trainer's own config class (PPOConfig for `ppo`,
-jobs.specs.RewardJobConfig for `reward`) at submission; these schemas only carry it.
+jobs.specs.RewardJobConfig for `reward`, jobs.specs.EvalJobConfig for `reward_eval`) at
+submission; these schemas only carry it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 from rewardserve.schemas.bon import PromptInput
 
-JobType = Literal["ppo", "reward"]
+JobType = Literal["ppo", "reward", "reward_eval"]
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 EventType = Literal["status", "step", "checkpoint", "log"]
@@ -37,9 +38,12 @@ class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: JobType
     """ppo: the PPO trainer (`rewardserve ppo`); reward: the Bradley-Terry trainer
-    (`rewardserve train-rm`), whose model is registered and loaded when it succeeds."""
+    (`rewardserve train-rm`), whose model is registered and loaded when it succeeds;
+    reward_eval: `rewardserve eval-rm` on a loaded reward model, its evaluation recorded as
+    the model's latest (GET /v1/models)."""
     config: dict[str, Any] = Field(default_factory=dict)
-    """The trainer's config fields (PPOConfig, or RewardJobConfig for reward jobs)."""
+    """The trainer's config fields (PPOConfig, RewardJobConfig for reward jobs, EvalJobConfig
+    for reward_eval jobs)."""
     prompts: list[StrictStr | PromptInput] | None = Field(None, min_length=1)
     """ppo: training prompts inline (instead of prompts_file)."""
     prompts_file: StrictStr | None = Field(None, min_length=1)
@@ -76,7 +80,8 @@ class Job(BaseModel):
     """The latest step's metrics."""
     checkpoints: list[Checkpoint] = Field(default_factory=list)
     result: dict[str, Any] | None = None
-    """Succeeded ppo: `policy` names the registered policy; reward: `model` the reward model."""
+    """Succeeded ppo: `policy` names the registered policy; reward: `model` the reward model;
+    reward_eval: `model`, `evaluation` (the report) and `path` (where it is stored)."""
     error: str | None = None
     idempotency_key: str | None = None
 

@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, StrictStr
 
+from rewardserve.schemas.evaluation import EvaluationSummary
+
 
 class ModelInfo(BaseModel):
     id: str
@@ -21,6 +23,9 @@ class ModelInfo(BaseModel):
     max_length: int
     description: str = ""
     error: str | None = None
+    evaluation: EvaluationSummary | None = None
+    """Reward models: the latest evaluation (`rewardserve eval-rm` or a reward_eval job) on
+    preference pairs; None when never evaluated."""
 
 
 class ModelList(BaseModel):
