@@ -102,7 +102,8 @@ class RewardTrainingConfig(BaseModel):
     """K-fold cross-validation with folds grouped by conversation: K models, each trained on
     K-1 folds and scored on the fold it never saw; the report gives the pooled out-of-fold
     accuracy with a cluster-bootstrap 95 % interval. The held-out split (eval_fraction) is
-    not used: every pair is held out once. None: no cross-validation."""
+    not used: every pair is held out once. None: no cross-validation. On the command line
+    also `--cv K`."""
 
     cv_final: bool = True
     """With cv_folds: afterwards train the model that is served on all pairs, its report
