@@ -52,25 +52,106 @@ def serve(ctx: typer.Context) -> None:
     asyncio.run(run(settings))
 
 
+def _cv_alias(args: list[str]) -> list[str]:
+    # `--cv K` is the short spelling of the cv_folds field's flag
+    return [
+        "--cv-folds" + a[len("--cv") :] if a == "--cv" or a.startswith("--cv=") else a for a in args
+    ]
+
+
 @app.command("train-rm", context_settings=PASS_THROUGH)
 def train_rm(ctx: typer.Context) -> None:
-    """Train a Bradley-Terry reward model on preference pairs (--help lists the flags)."""
+    """Train a Bradley-Terry reward model on preference pairs (--help lists the flags):
+    one model, `--cv K` (grouped K-fold cross-validation, then by default the served model on
+    all pairs; --no-cv-final skips it) or `--ensemble K` (K members with different seeds)."""
     import json
 
+    from pydantic import ValidationError
     from pydantic_settings import BaseSettings
 
     from rewardserve.training.reward.config import RewardTrainingConfig
-    from rewardserve.training.reward.trainer import train_reward_model
+    from rewardserve.training.reward.data import PairDataError
+    from rewardserve.training.reward.run import run_reward_training
 
     class TrainFlags(RewardTrainingConfig, BaseSettings):  # type: ignore[misc]
         model_config = flags_config("REWARDSERVE_TRAIN_")
 
-    flags = CliApp.run(TrainFlags, cli_args=ctx.args)
-    cfg = RewardTrainingConfig.model_validate(flags.model_dump())
-    report = train_reward_model(cfg)
-    typer.echo(
-        json.dumps({k: v for k, v in report.items() if k != "config"}, indent=2, default=str)
+    try:
+        flags = CliApp.run(TrainFlags, cli_args=_cv_alias(ctx.args))
+        cfg = RewardTrainingConfig.model_validate(flags.model_dump())
+    except ValidationError as e:
+        typer.echo(f"rewardserve train-rm: {e}", err=True)
+        raise typer.Exit(2) from None
+    try:
+        report = run_reward_training(cfg)
+    except PairDataError as e:  # bad data, or too few conversations for --cv
+        typer.echo(f"rewardserve train-rm: {e}", err=True)
+        raise typer.Exit(2) from None
+    shown = {k: v for k, v in report.items() if k != "config"}
+    if "cv" in shown:  # every pair's margin is in training_report.json, not on the screen
+        shown["cv"] = {k: v for k, v in shown["cv"].items() if k != "out_of_fold"}
+    typer.echo(json.dumps(shown, indent=2, default=str))
+    if cfg.ensemble > 1:
+        import yaml
+
+        typer.echo(f"\nmodel.yaml section (source: {cfg.output.absolute()}):")
+        typer.echo(yaml.safe_dump(report["manifest"], sort_keys=False), nl=False)
+
+
+@app.command("rm-recipes")
+def rm_recipes(
+    data: Path = typer.Option(..., help="Preference pairs (.jsonl or .jsonl.gz)."),
+    recipes: Path = typer.Option(
+        ..., help="YAML: recipe name -> RewardTrainingConfig fields (or a list of them)."
+    ),
+    folds: int = typer.Option(5, min=2, help="Cross-validation folds on the development pairs."),
+    test_fraction: float = typer.Option(
+        0.2, min=0.0, max=1.0, help="Share held out (by conversation) to test the chosen recipe."
+    ),
+    base_model: Path | None = typer.Option(
+        None, help="Backbone folder for recipes that do not name their own base_model."
+    ),
+    seed: int = typer.Option(0, help="Seeds the test split and the folds."),
+    max_pairs: int | None = typer.Option(
+        None, min=2, help="Use a seeded random subset of this many pairs (quick runs)."
+    ),
+    torch_threads: int | None = typer.Option(None, min=1, help="CPU threads for torch."),
+    output: Path = typer.Option(
+        Path("rm-recipes"), help="Folder for recipes_report.json and recipes_report.md."
+    ),
+) -> None:
+    """Choose a reward-model recipe by grouped cross-validation, then report its accuracy on
+    a grouped test split that was never used to choose it."""
+    from rewardserve.training.reward.data import PairDataError
+    from rewardserve.training.reward.recipes import (
+        RecipeError,
+        load_recipes,
+        render_markdown,
+        search_recipes,
+        write_search_report,
     )
+
+    base: dict[str, Any] = {"data": data, "output": output / "unused"}
+    if base_model is not None:
+        base["base_model"] = base_model
+    try:
+        chosen = load_recipes(recipes, base)
+    except RecipeError as e:
+        raise typer.BadParameter(str(e), param_hint="--recipes") from None
+    if not 0.0 < test_fraction < 1.0:
+        raise typer.BadParameter("must be between 0 and 1", param_hint="--test-fraction")
+    logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
+    try:
+        report = search_recipes(
+            data, chosen, folds=folds, test_fraction=test_fraction, seed=seed,
+            max_pairs=max_pairs, torch_threads_n=torch_threads,
+        )  # fmt: skip
+    except PairDataError as e:
+        typer.echo(f"rewardserve rm-recipes: {e}", err=True)
+        raise typer.Exit(2) from None
+    json_path, md_path = write_search_report(report, output)
+    typer.echo(render_markdown(report))
+    typer.echo(f"wrote {json_path} and {md_path}")
 
 
 @app.command("eval-rm", context_settings=PASS_THROUGH)

@@ -29,7 +29,7 @@ from rewardserve.runtime import Runtime
 from rewardserve.schemas.errors import Conflict, InvalidArgument, Unprocessable
 from rewardserve.schemas.jobs import JobCreate
 from rewardserve.training.ppo.config import validate_config
-from rewardserve.training.reward.data import split_pairs
+from rewardserve.training.reward.data import load_pairs, split_pairs
 from rewardserve.training.reward.trainer import optimiser_steps
 
 JOB_ID = "job-0123456789ab"
@@ -252,6 +252,8 @@ CORPUS: list[tuple[str, dict[str, Any], type[Exception], str]] = [
         "config.epochs",
     ),
     ("rm-zero-epochs", reward({"epochs": 0}), Unprocessable, "config.epochs"),
+    ("rm-cv", reward({"cv_folds": 5}), Unprocessable, "config.cv_folds"),
+    ("rm-ensemble", reward({"ensemble": 3}), Unprocessable, "config.ensemble"),
     ("rm-bad-name", reward({"name": "Bad Name"}), Unprocessable, "config.name"),
     ("rm-name-taken", reward({"name": "tiny-rm"}), Conflict, "config.name"),
     ("rm-no-base", reward({"base_model": "nope"}), Unprocessable, "config.base_model"),
@@ -369,7 +371,8 @@ async def test_reward_defaults_filled_in(settings: Settings, runtime: Runtime) -
     assert c["output"] == str((settings.data_dir / "jobs" / JOB_ID / "output" / "model").absolute())
     assert c["torch_threads"] == settings.job_torch_threads
     assert c["batch_size"] == 16 and c["epochs"] == 1  # RewardTrainingConfig's defaults
-    train, _ = split_pairs([None] * 10, c["eval_fraction"], c["seed"])  # type: ignore[list-item]
+    pairs = load_pairs(settings.data_dir / "pairs.jsonl")  # one conversation: nothing held out
+    train, _ = split_pairs(pairs, c["eval_fraction"], c["seed"])
     assert job.total_steps == optimiser_steps(len(train), 16, 1) == 1
 
 
@@ -377,7 +380,8 @@ async def test_reward_steps_as_the_trainer_counts_them(
     settings: Settings, runtime: Runtime
 ) -> None:
     cfg = {
-        "pairs": [PAIR] * 19,
+        # distinct conversations: the split keeps a conversation's pairs on one side
+        "pairs": [{k: v.replace("hi", f"hi {i}") for k, v in PAIR.items()} for i in range(19)],
         "batch_size": 4,
         "epochs": 3,
         "eval_fraction": 0.2,

@@ -261,6 +261,17 @@ class RewardJobConfig(RewardTrainingConfig):
     output: Path | None = None  # type: ignore[assignment]
     """Set by the service: the job's folder for the trained model before it is registered."""
 
+    @field_validator("cv_folds", "ensemble")
+    @classmethod
+    def _one_model(cls, v: int | None, info: Any) -> int | None:
+        # A job trains and registers one model and counts its optimiser steps; cross-validation
+        # and ensembles are `rewardserve train-rm --cv / --ensemble`.
+        if info.field_name == "cv_folds" and v is not None:
+            raise ValueError("cross-validation is not a job: use rewardserve train-rm --cv")
+        if info.field_name == "ensemble" and v != 1:
+            raise ValueError("a reward job trains one model: use rewardserve train-rm --ensemble")
+        return v
+
 
 def _resolve_base_model(value: str, settings: Settings) -> Path:
     field = "config.base_model"

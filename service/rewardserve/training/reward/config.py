@@ -8,8 +8,9 @@ held-out pairwise accuracy within that time budget.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Self
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class RewardTrainingConfig(BaseModel):
@@ -83,8 +84,10 @@ class RewardTrainingConfig(BaseModel):
     curve; a few seconds each)."""
 
     stats_max_pairs: int | None = Field(64, ge=1)
-    """Score at most this many training pairs (a random subset) for the reward mean/std and
-    the train accuracy, instead of all of them. None: all."""
+    """Score at most this many training pairs (a random subset) for the report's train
+    accuracy and loss, instead of all of them. None: all. The reward mean/std the service
+    normalises with come from the held-out pairs, or from every training pair when there is
+    no held-out split; never from this subset."""
 
     eval_batch_size: int = Field(32, ge=1)
     """Sequences per forward pass when scoring for accuracy and reward statistics."""
@@ -94,3 +97,25 @@ class RewardTrainingConfig(BaseModel):
 
     max_pairs: int | None = Field(None, ge=2)
     """Use at most this many pairs (a seeded random subset); for quick runs and tests."""
+
+    cv_folds: int | None = Field(None, ge=2)
+    """K-fold cross-validation with folds grouped by conversation: K models, each trained on
+    K-1 folds and scored on the fold it never saw; the report gives the pooled out-of-fold
+    accuracy with a cluster-bootstrap 95 % interval. The held-out split (eval_fraction) is
+    not used: every pair is held out once. None: no cross-validation. On the command line
+    also `--cv K`."""
+
+    cv_final: bool = True
+    """With cv_folds: afterwards train the model that is served on all pairs, its report
+    carrying the cross-validated accuracy (False: only the cross-validation report)."""
+
+    ensemble: int = Field(1, ge=1)
+    """Train this many members with different seeds (head initialisation and batch order;
+    the same split), written as <output>/members/0..K-1 with <output>/ensemble.json."""
+
+    @model_validator(mode="after")
+    def _one_mode(self) -> Self:
+        if self.cv_folds is not None and self.ensemble > 1:
+            raise ValueError("cv_folds and ensemble > 1 cannot be combined: cross-validate "
+                             "single models, then train the ensemble")  # fmt: skip
+        return self

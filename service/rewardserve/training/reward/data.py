@@ -1,11 +1,17 @@
-"""Preference pairs from JSON Lines: loading, validation and the train/eval split."""
+"""Preference pairs from JSON Lines: loading, validation, grouping by conversation, and the
+grouped train/eval split and cross-validation folds.
+
+Pairs of one conversation are correlated (HH-RLHF forks a conversation after its first turn,
+so several pairs share their opening question): a split that puts one in training and its
+sibling in evaluation measures memory, not generalisation. Every split here is by group."""
 
 from __future__ import annotations
 
 import gzip
 import json
 import random
-from collections.abc import Sequence
+import re
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -76,29 +82,125 @@ def load_pairs(path: Path) -> list[PreferencePair]:
     return pairs
 
 
+_FIRST_HUMAN = re.compile(r"Human:(.*?)(?:\n\nAssistant:|$)", re.DOTALL)
+
+
+def group_key(pair: PreferencePair) -> str:
+    """The conversation a pair belongs to: its first Human turn, whitespace-normalised and
+    case-folded. Chosen and rejected share everything up to their last reply, and the pairs
+    HH-RLHF forks from one conversation share at least their first turn; grouping by it keeps
+    related pairs together (a generic opener like "hi" groups unrelated ones too, which only
+    errs on the safe side). Text with no Human turn is its own group (its whole prompt)."""
+    match = _FIRST_HUMAN.search(pair.chosen)
+    if match is None:
+        cut = pair.chosen.rfind("\n\nAssistant:")
+        text = pair.chosen[:cut] if cut > 0 else pair.chosen
+    else:
+        text = match.group(1)
+    return " ".join(text.split()).casefold()
+
+
+def pair_groups(pairs: Sequence[PreferencePair]) -> list[int]:
+    """Each pair's group as a small integer (numbered in order of first appearance)."""
+    ids: dict[str, int] = {}
+    return [ids.setdefault(group_key(p), len(ids)) for p in pairs]
+
+
+def _members(groups: Sequence[Hashable], indices: Sequence[int]) -> dict[Hashable, list[int]]:
+    out: dict[Hashable, list[int]] = {}
+    for i in indices:
+        out.setdefault(groups[i], []).append(i)
+    return out
+
+
+def capped_indices(n: int, seed: int, max_pairs: int | None) -> list[int]:
+    """Indices of the pairs a run uses: all of them, or a seeded random `max_pairs` of them."""
+    order = list(range(n))
+    if max_pairs is not None and max_pairs < n:
+        order = sorted(random.Random(seed).sample(order, max_pairs))
+    return order
+
+
+def grouped_split(
+    groups: Sequence[Hashable], indices: Sequence[int], fraction: float, seed: int
+) -> tuple[list[int], list[int]]:
+    """(train, held-out) indices from `indices`, whole groups on either side.
+
+    Groups are shuffled (seeded) and taken into the held-out side while they fit in
+    round(len x fraction) pairs, so with small groups the held-out share is exact. With a
+    non-zero fraction at least one group is held out when there are two or more groups, and
+    at least one is always left to train on. Both sides keep the shuffled group order.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"eval_fraction must be in [0, 1), got {fraction}")
+    if not indices:
+        raise PairDataError("no pairs to train on")
+    members = _members(groups, indices)
+    order = list(members)
+    random.Random(seed).shuffle(order)
+    target = round(len(indices) * fraction)
+    held_groups: list[Hashable] = []
+    size = 0
+    for g in order[:-1]:  # the last group always trains
+        if size + len(members[g]) <= target:
+            held_groups.append(g)
+            size += len(members[g])
+    if fraction > 0 and not held_groups and len(order) > 1:
+        held_groups.append(min(order[:-1], key=lambda g: len(members[g])))
+    held_set = set(held_groups)
+    held = [i for g in held_groups for i in members[g]]
+    train = [i for g in order if g not in held_set for i in members[g]]
+    return train, held
+
+
+def grouped_folds(
+    groups: Sequence[Hashable], indices: Sequence[int], k: int, seed: int
+) -> list[list[int]]:
+    """`k` folds partitioning `indices`, whole groups in each, of near-equal pair counts.
+
+    Groups are shuffled (seeded), then placed largest first, each into the fold that has the
+    fewest pairs so far (ties: the lowest fold), so the same groups, k and seed always give
+    the same folds. PairDataError if there are fewer groups than folds.
+    """
+    if k < 2:
+        raise ValueError(f"cross-validation needs at least 2 folds, got {k}")
+    members = _members(groups, indices)
+    if len(members) < k:
+        raise PairDataError(
+            f"{k} folds need at least {k} conversations (groups of pairs), the data has "
+            f"{len(members)}"
+        )
+    order = list(members)
+    random.Random(seed).shuffle(order)
+    order.sort(key=lambda g: -len(members[g]))  # stable: the shuffle breaks ties
+    folds: list[list[int]] = [[] for _ in range(k)]
+    for g in order:
+        smallest = min(range(k), key=lambda f: len(folds[f]))
+        folds[smallest].extend(members[g])
+    return folds
+
+
+def split_indices(
+    pairs: Sequence[PreferencePair],
+    eval_fraction: float,
+    seed: int,
+    max_pairs: int | None = None,
+) -> tuple[list[int], list[int]]:
+    """(train, held-out) indices into `pairs`: the capped subset, split by group."""
+    used = capped_indices(len(pairs), seed, max_pairs)
+    return grouped_split(pair_groups(pairs), used, eval_fraction, seed)
+
+
 def split_pairs(
     pairs: Sequence[PreferencePair],
     eval_fraction: float,
     seed: int,
     max_pairs: int | None = None,
 ) -> tuple[list[PreferencePair], list[PreferencePair]]:
-    """(train, eval): a seeded shuffle, optionally capped at `max_pairs`, then split.
+    """(train, eval): optionally a seeded subset of `max_pairs`, then a grouped split
+    (grouped_split): no conversation has pairs on both sides.
 
-    The same file, fraction and seed always give the same split. With a non-zero fraction at
-    least one pair is held out, and at least one is always left to train on.
+    The same file, fraction and seed always give the same split.
     """
-    if not 0.0 <= eval_fraction < 1.0:
-        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
-    order = list(range(len(pairs)))
-    random.Random(seed).shuffle(order)
-    if max_pairs is not None:
-        order = order[:max_pairs]
-    n_eval = round(len(order) * eval_fraction)
-    if eval_fraction > 0:
-        n_eval = max(n_eval, 1)
-    n_eval = min(n_eval, len(order) - 1)
-    if not order:
-        raise PairDataError("no pairs to train on")
-    held_out = [pairs[i] for i in order[:n_eval]]
-    train = [pairs[i] for i in order[n_eval:]]
-    return train, held_out
+    train, held = split_indices(pairs, eval_fraction, seed, max_pairs)
+    return [pairs[i] for i in train], [pairs[i] for i in held]
