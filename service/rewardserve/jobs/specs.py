@@ -113,7 +113,8 @@ def _ppo_prompts(req: JobCreate, settings: Settings) -> tuple[list[Any], str]:
 def _reward_model(runtime: Any, name: str | None) -> str:
     """The canonical name of the loaded reward model `name` means (None: the default)."""
     try:
-        return runtime.scoring.resolve(name).manifest.name
+        scoring = runtime.scoring  # a composite reward by name, like a plain one
+        return (scoring.composite(name) or scoring.resolve(name)).manifest.name
     except ServiceError as e:
         raise Unprocessable(
             f"config.reward_model: {e.message} (jobs score with this service's loaded models)",
@@ -257,6 +258,8 @@ def _resolve_base_model(value: str, settings: Settings) -> Path:
         )
     m = entry.manifest
     why = repo.unservable(name)
+    if why is None and m.composite is not None:
+        why = "it is a composite reward, with no weights of its own to train"
     if why is None and m.head.format != "sequence_classification":
         why = f"its head is {m.head.format}; training continues sequence_classification only"
     if why is None and (m.source.gguf_file or m.trust_remote_code):

@@ -10,6 +10,7 @@ from typing import Any, Protocol, TypeVar
 
 from rewardserve.bon.service import reward_item
 from rewardserve.config import Settings
+from rewardserve.engine.composite import CompositeReward
 from rewardserve.engine.scoring import ScoringEngine
 from rewardserve.schemas.bon import PromptInput
 
@@ -51,6 +52,9 @@ class InProcessReward:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     def score(self, prompts: Sequence[PromptInput], responses: Sequence[str]) -> list[float]:
+        composite = self.engine.composite(self.model)
+        if composite is not None:
+            return self._score_composite(composite, prompts, responses)
         loaded = self.engine.resolve(self.model)
         texts = [
             self.engine.render(loaded, reward_item(p, r))
@@ -67,6 +71,23 @@ class InProcessReward:
                 enforce_queue_limit=False,
             )
             rewards.extend(self._run(work)[2])
+        return rewards
+
+    def _score_composite(
+        self, composite: CompositeReward, prompts: Sequence[PromptInput], responses: Sequence[str]
+    ) -> list[float]:
+        """A composite's totals (its parts' weighted sum, each prompt's label going to its
+        exact_match parts), as /v1/score gives them for the same items."""
+        items = [reward_item(p, r) for p, r in zip(prompts, responses, strict=True)]
+        rewards: list[float] = []
+        for start in range(0, len(items), self._chunk):
+            work = composite.evaluate(
+                self.engine,
+                items[start : start + self._chunk],
+                deadline=time.monotonic() + 3600.0,
+                enforce_queue_limit=False,
+            )
+            rewards.extend(r.reward for r in self._run(work))
         return rewards
 
     def close(self) -> None:

@@ -1,0 +1,1 @@
+"""Rewards built from parts: rule rewards (no model) and composite specifications."""
