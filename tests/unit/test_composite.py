@@ -4,6 +4,7 @@ reward source naming one."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from rewardserve.schemas.bon import BestOfNRequest, PromptInput, RerankRequest
 from rewardserve.schemas.errors import InvalidArgument
 from rewardserve.schemas.scoring import ScoreRequest
 from rewardserve.training.ppo.config import ConfigError, validate_config
+from rewardserve.training.ppo.remote_rewards import service_item
 from rewardserve.training.ppo.rewards import InProcessReward
 from servers import sharpen_weights
 
@@ -264,3 +266,15 @@ def test_ppo_reward_of_a_composite_is_its_total(ppo_repo: Path) -> None:
     assert source.model == "mix"
     assert got[2] - got[1] == pytest.approx(WEIGHTS["correct"])  # the same text, now correct
     assert got[0] - alone[0] == pytest.approx(WEIGHTS["correct"])
+
+
+def test_prompt_labels_travel_to_the_service_and_from_prompt_files(ppo_repo, tmp_path) -> None:
+    labelled = PromptInput(prompt=PROMPT, label="Paris")
+    assert service_item(labelled, "Paris.").label == "Paris"
+    assert service_item(labelled, "").label == "Paris"  # an empty reply still carries it
+    chat = PromptInput(messages=[{"role": "user", "content": "Capital?"}], label="Paris")
+    assert service_item(chat, "Paris").label == "Paris"
+    f = tmp_path / "p.jsonl"
+    f.write_text(json.dumps({"prompt": "Capital of France?", "label": "Paris"}) + "\n" * 2)
+    cfg = validate_config(ppo_config(ppo_repo, prompts=None, prompts_file=str(f), eval_fraction=0))
+    assert [p.label for p in cfg.split_prompts()[0]] == ["Paris"]
