@@ -306,7 +306,10 @@ def pb_request(body: Mapping[str, object]):
             items.append(pb.ScoreItem(pair=pair))
         else:
             items.append(pb.ScoreItem())
-    return pb.ScoreRequest(model=body.get("model") or "", items=items)  # type: ignore[arg-type]
+        if it.get("label") is not None:
+            items[-1].label = it["label"]
+    weights = body.get("weights") or {}
+    return pb.ScoreRequest(model=body.get("model") or "", items=items, weights=weights)  # type: ignore[arg-type]
 
 
 def pb_response_dict(resp) -> dict:
@@ -320,6 +323,7 @@ def pb_response_dict(resp) -> dict:
                 "normalized_reward": r.normalized_reward,
                 "truncated": r.truncated,
                 "tokens": r.tokens,
+                "parts": dict(r.parts) or None,
             }
             for r in resp.results
         ],

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from builders import build_tiny_openrlhf_rm, build_tiny_rm, minilm_dir
+from builders import build_tiny_openrlhf_rm, build_tiny_rm, minilm_dir, write_manifest
 from ppo_models import PROMPTS, build_ppo_repository
 from rewardserve.config import Settings
 from rewardserve.jobs.specs import (
@@ -45,6 +45,8 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = build_ppo_repository(root / "models")  # tiny-chat (policy), tiny-rm (reward, default)
     build_tiny_rm(repo, "rm-unloaded", seed=1)
     build_tiny_openrlhf_rm(repo, "orlhf")
+    part = {"name": "rm", "model": "tiny-rm"}
+    write_manifest(repo / "tiny-mix", name="tiny-mix", kind="reward", composite={"parts": [part]})
     data = root / "data"
     data.mkdir()
     (data / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in "abc"))
@@ -68,7 +70,7 @@ def settings(root: Path) -> Settings:
         model_repository=root / "models",
         cache_dir=root / "cache",
         data_dir=root / "data",
-        models=["tiny-rm"],
+        models=["tiny-rm", "tiny-mix"],
         torch_threads=1,
         job_max_total_steps=200,
         job_max_sequences_per_step=32,
@@ -270,6 +272,7 @@ CORPUS: list[tuple[str, dict[str, Any], type[Exception], str]] = [
         "config.base_model",
     ),
     ("rm-base-openrlhf", reward({"base_model": "orlhf"}), Unprocessable, "config.base_model"),
+    ("rm-base-composite", reward({"base_model": "tiny-mix"}), Unprocessable, "config.base_model"),
 ]
 
 
@@ -317,6 +320,11 @@ async def test_ppo_defaults_filled_in(settings: Settings, runtime: Runtime) -> N
     # the worker rebuilds exactly this config from it
     again = validate_config(c, remote_reward=True).model_dump(mode="json")
     assert again == c
+
+
+async def test_ppo_job_takes_a_composite_reward(settings: Settings, runtime: Runtime) -> None:
+    c = submit(ppo({"reward_model": "tiny-mix"}), settings, runtime).config
+    assert c["reward_model"] == "tiny-mix"
 
 
 async def test_ppo_config_values_win(settings: Settings, runtime: Runtime) -> None:

@@ -38,7 +38,7 @@ def read_prompts(path: Path) -> list[tuple[dict[str, Any], PromptInput]]:
                 raise InputError(f"line {number} of {path}: not valid JSON ({e.msg})") from None
             if not isinstance(raw, dict):
                 raise InputError(f"line {number} of {path}: not a JSON object")
-            form = {k: raw[k] for k in ("prompt", "messages") if k in raw}
+            form = {k: raw[k] for k in ("prompt", "messages", "label") if k in raw}
             try:
                 out.append((raw, PromptInput.model_validate(form)))
             except ValidationError as e:

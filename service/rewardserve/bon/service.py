@@ -28,6 +28,7 @@ from rewardserve import metrics
 from rewardserve.bon.selection import reported_kl_bound, select
 from rewardserve.bon.speculative import SpeculativeRejection
 from rewardserve.config import Settings
+from rewardserve.engine.composite import CompositeReward
 from rewardserve.engine.scoring import LoadedModel, ScoringEngine
 from rewardserve.policy.base import Generation, PolicyBackend, Sampling
 from rewardserve.policy.manager import PolicyManager
@@ -95,14 +96,16 @@ def policy_prompt_ids(
 
 def reward_item(item: PromptInput, response: str) -> ScoreItem:
     """What the reward model judges: the prompt with the candidate as the assistant's reply.
-    Built unvalidated: an empty candidate is a legal (if poor) answer."""
+    Built unvalidated: an empty candidate is a legal (if poor) answer. The prompt's label
+    goes with it (a composite's exact_match parts compare the candidate with it)."""
+    label = getattr(item, "label", None)
     if item.messages is not None:
         reply = ChatMessage.model_construct(role="assistant", content=response)
         return ScoreItem.model_construct(
-            prompt=None, response=None, text=None, messages=[*item.messages, reply]
+            prompt=None, response=None, text=None, messages=[*item.messages, reply], label=label
         )
     return ScoreItem.model_construct(
-        prompt=item.prompt, response=response, messages=None, text=None
+        prompt=item.prompt, response=response, messages=None, text=None, label=label
     )
 
 
@@ -121,8 +124,16 @@ class BestOfN:
     # ---- helpers ---------------------------------------------------------------------
 
     async def _reward(
-        self, model: LoadedModel, item: PromptInput, text: str, deadline: float
+        self, model: LoadedModel | CompositeReward, item: PromptInput, text: str, deadline: float
     ) -> tuple[float, float]:
+        if isinstance(model, CompositeReward):  # its total is reward and normalized alike
+            (result,) = await model.evaluate(
+                self.scoring,
+                [reward_item(item, text)],
+                deadline=deadline,
+                enforce_queue_limit=False,
+            )
+            return result.reward, result.normalized_reward
         rendered = self.scoring.render(model, reward_item(item, text))
         _, _, (reward,) = await self.scoring.score_texts(
             model.scorer.name, [rendered], deadline=deadline, enforce_queue_limit=False
@@ -155,6 +166,10 @@ class BestOfN:
                     field=field,
                 )
 
+    def _reward_model(self, name: str | None) -> LoadedModel | CompositeReward:
+        """The reward model or composite reward a request names (None: the default)."""
+        return self.scoring.composite(name) or self.scoring.resolve(name)
+
     def _admit(self) -> None:
         limit = self.settings.bon_max_concurrency
         if self.running >= limit:
@@ -175,7 +190,7 @@ class BestOfN:
         if deadline is None:
             deadline = self.deadline(None)
         policy = self.policies.resolve(req.policy)
-        model = self.scoring.resolve(req.reward_model)
+        model = self._reward_model(req.reward_model)
         inputs = req.inputs()
         fields = (
             [f"prompts.{i}.messages" for i in range(len(inputs))]
@@ -215,7 +230,7 @@ class BestOfN:
         self,
         req: BestOfNRequest,
         policy: PolicyBackend,
-        model: LoadedModel,
+        model: LoadedModel | CompositeReward,
         prompts: list[list[int]],
         started: float,
         deadline: float,
@@ -301,7 +316,7 @@ class BestOfN:
         self,
         req: BestOfNRequest,
         policy: PolicyBackend,
-        model: LoadedModel,
+        model: LoadedModel | CompositeReward,
         inputs: Sequence[PromptInput],
         prompts: Sequence[list[int]],
         scored: Sequence[ScoredCandidate],
@@ -363,8 +378,12 @@ class BestOfN:
                 f"{len(req.candidates)} candidates; at most {self.settings.max_candidates}",
                 field="candidates",
             )
-        model = self.scoring.resolve(req.reward_model)
-        item = PromptInput.model_construct(prompt=req.prompt, messages=req.messages)
+        model = self._reward_model(req.reward_model)
+        item = PromptInput.model_construct(
+            prompt=req.prompt, messages=req.messages, label=req.label
+        )
+        if isinstance(model, CompositeReward):
+            return await self._rerank_composite(req, model, item, deadline)
         texts = [self.scoring.render(model, reward_item(item, c)) for c in req.candidates]
         model, encoded, rewards = await within(
             deadline,
@@ -385,6 +404,33 @@ class BestOfN:
                     text=req.candidates[i],
                     reward=rewards[i],
                     normalized_reward=norm(rewards[i]),
+                )
+                for i in ranked
+            ],
+            usage=BonUsage(prompt_tokens=tokens, generated_tokens=0, total_tokens=tokens),
+        )
+
+    async def _rerank_composite(
+        self, req: RerankRequest, model: CompositeReward, item: PromptInput, deadline: float
+    ) -> RerankResponse:
+        """rerank with a composite reward: its totals rank the candidates."""
+        items = [reward_item(item, c) for c in req.candidates]
+        scored = await within(
+            deadline,
+            model.evaluate(self.scoring, items, deadline=deadline, field_of="candidates"),
+        )
+        ranked = sorted(range(len(scored)), key=lambda i: (-scored[i].reward, i))
+        if req.top_k is not None:
+            ranked = ranked[: req.top_k]
+        tokens = sum(r.tokens for r in scored)
+        return RerankResponse(
+            reward_model=model.name,
+            results=[
+                RankedCandidate(
+                    index=i,
+                    text=req.candidates[i],
+                    reward=scored[i].reward,
+                    normalized_reward=scored[i].normalized_reward,
                 )
                 for i in ranked
             ],

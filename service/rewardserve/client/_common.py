@@ -95,20 +95,28 @@ def score_item_pb(item: ItemLike, index: int) -> pb.ScoreItem:
         return pb.ScoreItem(text=item)
     if not isinstance(item, ScoreItem):
         item = _validated(ScoreItem, item, ("items", index))
+    label = item.label or ""
     if item.text is not None:
-        return pb.ScoreItem(text=item.text)
+        return pb.ScoreItem(text=item.text, label=label)
     if item.messages is not None:
-        return pb.ScoreItem(conversation=_messages_pb(item.messages))
+        return pb.ScoreItem(conversation=_messages_pb(item.messages), label=label)
     return pb.ScoreItem(
-        pair=pb.PromptResponse(prompt=item.prompt or "", response=item.response or "")
+        pair=pb.PromptResponse(prompt=item.prompt or "", response=item.response or ""),
+        label=label,
     )
 
 
-def score_request(items: Sequence[ItemLike] | str, model: str | None) -> pb.ScoreRequest:
+def score_request(
+    items: Sequence[ItemLike] | str,
+    model: str | None,
+    weights: Mapping[str, float] | None = None,
+) -> pb.ScoreRequest:
     if isinstance(items, str | ScoreItem | Mapping):
         items = [items]  # type: ignore[list-item]
     return pb.ScoreRequest(
-        model=model or "", items=[score_item_pb(it, i) for i, it in enumerate(items)]
+        model=model or "",
+        items=[score_item_pb(it, i) for i, it in enumerate(items)],
+        weights=dict(weights or {}),
     )
 
 
@@ -118,9 +126,10 @@ def prompt_dict(prompt: PromptLike, loc: tuple[str | int, ...]) -> dict[str, Any
         return {"prompt": prompt}
     if not isinstance(prompt, PromptInput):
         prompt = _validated(PromptInput, prompt, loc)
+    label = {"label": prompt.label} if prompt.label is not None else {}
     if prompt.messages is not None:
-        return {"messages": {"messages": [m.model_dump() for m in prompt.messages]}}
-    return {"prompt": prompt.prompt}
+        return {"messages": {"messages": [m.model_dump() for m in prompt.messages]}} | label
+    return {"prompt": prompt.prompt} | label
 
 
 def build(message: type[Message], fields: Mapping[str, Any]) -> Any:
@@ -177,6 +186,7 @@ def score_response(resp: pb.ScoreResponse) -> ScoreResponse:
                 normalized_reward=r.normalized_reward,
                 truncated=r.truncated,
                 tokens=r.tokens,
+                parts=dict(r.parts) or None,
             )
             for r in resp.results
         ],

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self
 
@@ -84,10 +84,13 @@ class RewardClient(_Base, c.Closing):
         model: str | None = None,
         *,
         timeout: float | None = None,
+        weights: Mapping[str, float] | None = None,
     ) -> ScoreResponse:
         """Rewards of items (ScoreItem, its dict form, or raw text), in order; `model` a
-        reward model's name or alias (default: the server's default model)."""
-        resp = self._call(self._scoring.Score, c.score_request(items, model), timeout)
+        reward model's name or alias (default: the server's default model); `weights` a
+        composite reward's part weights for this request."""
+        request = c.score_request(items, model, weights)
+        resp = self._call(self._scoring.Score, request, timeout)
         return c.score_response(resp)
 
     def rerank(
@@ -156,8 +159,10 @@ class AsyncRewardClient(_Base):
         model: str | None = None,
         *,
         timeout: float | None = None,
+        weights: Mapping[str, float] | None = None,
     ) -> ScoreResponse:
-        resp = await self._call(self._scoring.Score, c.score_request(items, model), timeout)
+        request = c.score_request(items, model, weights)
+        resp = await self._call(self._scoring.Score, request, timeout)
         return c.score_response(resp)
 
     async def rerank(

@@ -18,6 +18,7 @@ import torch
 
 from rewardserve.config import Settings
 from rewardserve.engine.batcher import Batcher, BatchLimits
+from rewardserve.engine.composite import CompositeReward, load_composite
 from rewardserve.engine.inputs import Encoded, join_pair, render_hh
 from rewardserve.engine.loader import load_reward_model
 from rewardserve.engine.scorer import ChatTemplateError, RewardScorer
@@ -51,6 +52,9 @@ class ScoringEngine:
         self.settings = settings
         self.repository = repository or ModelRepository.from_settings(settings)
         self.models: dict[str, LoadedModel] = {}
+        self.composites: dict[str, CompositeReward] = {}
+        """Loaded composite rewards (engine/composite.py): no weights of their own, scored
+        through the models of `models` their parts name."""
         # Why a model could not be loaded (bad weights, none built): listed as status error
         # until a load succeeds, so one broken model is visible while the others serve.
         self.failed: dict[str, str] = {}
@@ -92,6 +96,7 @@ class ScoringEngine:
 
     async def close(self) -> None:
         self.started = False  # not ready while shutting down, whatever is left loaded
+        self.composites.clear()
         for name in list(self.models):
             await self.unload(name)
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -101,8 +106,8 @@ class ScoringEngine:
         default = self.default_name()
         return (
             self.started
-            and all(n in self.models for n in self.expected)
-            and (default is None or default in self.models)
+            and all(n in self.models or n in self.composites for n in self.expected)
+            and (default is None or default in self.models or default in self.composites)
             and not self.failures()
         )
 
@@ -115,6 +120,14 @@ class ScoringEngine:
         return {n: m.batcher.failure for n, m in self.models.items() if m.batcher.failure}
 
     async def load(self, name: str) -> ModelInfo:
+        """Load a reward model; a composite loads the models its parts name."""
+        self.repository.rescan()
+        entry = self.entries.get(self.repository.canonical(name))
+        if entry is not None and entry.manifest is not None and entry.manifest.composite:
+            composite = await load_composite(self, entry.manifest)
+            self.composites[composite.name] = composite
+            self._readiness_changed()
+            return self._info(composite.name)
         async with self._admin_lock:
             self.repository.rescan()
             name = self.repository.canonical(name)
@@ -170,6 +183,11 @@ class ScoringEngine:
     async def unload(self, name: str) -> ModelInfo:
         async with self._admin_lock:
             name = self.repository.canonical(name)
+            if self.composites.pop(name, None) is not None:  # its part models stay loaded
+                if name in self.expected:
+                    self.expected.remove(name)
+                self._readiness_changed()
+                return self._info(name)
             model = self.models.pop(name, None)
             if model is None:
                 raise NotFound(f"model '{name}' is not loaded", field="model")
@@ -188,6 +206,12 @@ class ScoringEngine:
         """The loaded reward model a request names (name or alias), or its default."""
         return self.models[self.repository.resolve("reward", name, self.models, self.failed)]
 
+    def composite(self, name: str | None) -> CompositeReward | None:
+        """The loaded composite a request names (None: the default), or None when the name
+        means a loaded plain model; the usual error when it means neither."""
+        loaded = [*self.models, *self.composites]
+        return self.composites.get(self.repository.resolve("reward", name, loaded, self.failed))
+
     def _info(self, name: str) -> ModelInfo:
         entry = self.entries.get(name)
         loaded = self.models.get(name)
@@ -200,8 +224,11 @@ class ScoringEngine:
                 max_length=0,
                 error=entry.error if entry else "unknown",
             )
+        active = name in self.composites
         if loaded:
             failure = loaded.batcher.failure
+        elif active:
+            failure = None
         else:
             # Policies' state is the policy manager's (Runtime.list_models).
             unservable = self.repository.unservable(name) if manifest.kind == "reward" else None
@@ -210,7 +237,7 @@ class ScoringEngine:
             id=name,
             aliases=list(manifest.aliases),
             kind=manifest.kind,
-            status="error" if failure else "loaded" if loaded else "available",
+            status="error" if failure else "loaded" if loaded or active else "available",
             default=name == self.default_name(),
             max_length=manifest.max_length,
             description=manifest.description,
@@ -293,6 +320,15 @@ class ScoringEngine:
     async def score(self, req: ScoreRequest, timeout_s: float | None = None) -> ScoreResponse:
         if len(req.items) > self.settings.max_items_per_request:
             self._check_limits([""] * len(req.items), "items")
+        composite = self.composite(req.model)
+        if composite is not None:
+            return await composite.score(self, req, timeout_s)
+        if req.weights is not None:
+            raise InvalidArgument(
+                f"'{self.resolve(req.model).scorer.name}' is not a composite reward: it has "
+                "no part weights",
+                field="weights",
+            )
         model = self.resolve(req.model)
         texts = [self.render(model, it, f"items.{i}.messages") for i, it in enumerate(req.items)]
         model, encoded, rewards = await self.score_texts(model.scorer.name, texts, timeout_s)

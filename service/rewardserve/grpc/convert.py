@@ -21,6 +21,11 @@ from rewardserve.v1 import scoring_pb2 as pb
 
 
 def _item(item: pb.ScoreItem) -> dict[str, Any]:
+    # proto3 has no absent string: an empty label is no label
+    return _form(item) | ({"label": item.label} if item.label else {})
+
+
+def _form(item: pb.ScoreItem) -> dict[str, Any]:
     form = item.WhichOneof("input")
     if form == "pair":
         return {"prompt": item.pair.prompt, "response": item.pair.response}
@@ -38,7 +43,11 @@ def score_request(msg: pb.ScoreRequest | Undecodable) -> ScoreRequest:
         raise InvalidArgument(
             f"the request message could not be decoded: {msg.reason}", field="body"
         )
-    raw = {"model": msg.model or None, "items": [_item(i) for i in msg.items]}
+    raw = {
+        "model": msg.model or None,
+        "items": [_item(i) for i in msg.items],
+        "weights": dict(msg.weights) or None,  # an empty map is no override, as REST's absent
+    }
     try:
         return ScoreRequest.model_validate(raw)
     except ValidationError as e:
@@ -55,6 +64,7 @@ def score_response(resp: ScoreResponse) -> pb.ScoreResponse:
                 normalized_reward=r.normalized_reward,
                 truncated=r.truncated,
                 tokens=r.tokens,
+                parts=r.parts,
             )
             for r in resp.results
         ],

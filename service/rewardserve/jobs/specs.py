@@ -141,7 +141,8 @@ def _check_ensemble(cfg: PPOConfig, runtime: Any) -> None:
     )
     if field is None:
         return
-    manifest = runtime.scoring.resolve(cfg.reward_model).manifest
+    scoring = runtime.scoring
+    manifest = (scoring.composite(cfg.reward_model) or scoring.resolve(cfg.reward_model)).manifest
     if getattr(manifest, "ensemble", None) is None:
         raise Unprocessable(
             f"config.{field}: needs the reward ensemble's uncertainty, and reward model "
@@ -299,6 +300,8 @@ def _resolve_base_model(value: str, settings: Settings) -> Path:
         )
     m = entry.manifest
     why = repo.unservable(name)
+    if why is None and m.composite is not None:
+        why = "it is a composite reward, with no weights of its own to train"
     if why is None and m.head.format != "sequence_classification":
         why = f"its head is {m.head.format}; training continues sequence_classification only"
     if why is None and (m.source.gguf_file or m.trust_remote_code):
@@ -402,7 +405,8 @@ class EvalJobConfig(BaseModel):
 def _loaded_model(runtime: Any, name: str | None, field: str) -> str:
     """The canonical name of the loaded reward model `name` (a name or an alias)."""
     try:
-        return runtime.scoring.resolve(name).manifest.name  # type: ignore[no-any-return]
+        scoring = runtime.scoring  # a composite reward by name, like a plain one
+        return (scoring.composite(name) or scoring.resolve(name)).manifest.name  # type: ignore[no-any-return]
     except ServiceError as e:
         raise Unprocessable(
             f"{field}: {e.message} (jobs score with this service's loaded models)", field=field

@@ -18,6 +18,8 @@ from pydantic import (
     model_validator,
 )
 
+from rewardserve.rewards.spec import CompositeSpec
+
 MANIFEST_NAME = "model.yaml"
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 
@@ -114,7 +116,11 @@ class ModelManifest(_Strict):
     """Other names requests may use for this model (like vLLM's --served-model-name), e.g.
     the local path or hub id a training framework sends as `model`. Unique across the
     repository: no alias may be another model's name or alias."""
-    source: Source
+    composite: CompositeSpec | None = None
+    """Reward models only: a composite reward of named parts (hosted reward models and rule
+    rewards) with weights, and no weights of its own (rewardserve.rewards.spec)."""
+    source: Source | None = Field(None, validate_default=True)
+    """Required, except for a composite reward (which has no weights of its own)."""
     description: str = ""
     head: Head = Head()
     max_length: int = Field(512, ge=8, le=131072)
@@ -147,6 +153,27 @@ class ModelManifest(_Strict):
                 raise ValueError(f"alias {i} is the model's own name")
             if alias in v[:i]:
                 raise ValueError(f"alias {i} ({alias!r}) is listed twice")
+        return v
+
+    @field_validator("composite")
+    @classmethod
+    def _composite_only_on_reward_models(
+        cls, v: CompositeSpec | None, info: ValidationInfo
+    ) -> CompositeSpec | None:
+        if v is not None and info.data.get("kind") != "reward":
+            raise ValueError("'composite' is for kind: reward only")
+        return v
+
+    @field_validator("source")
+    @classmethod
+    def _source_unless_composite(cls, v: Source | None, info: ValidationInfo) -> Source | None:
+        if "composite" not in info.data:
+            return v  # the composite section's own error is reported
+        composite = info.data["composite"] is not None
+        if v is None and not composite:
+            raise ValueError("Field required (only a composite reward has no source)")
+        if v is not None and composite:
+            raise ValueError("a composite reward has no weights of its own: remove 'source'")
         return v
 
     @field_validator("policy")
@@ -205,6 +232,8 @@ def resolve_source(manifest: ModelManifest, model_folder: Path, cache_dir: Path)
     """The folder holding the weights, confined to its base (symlinks resolved)."""
     src = manifest.source
     where = model_folder / MANIFEST_NAME
+    if src is None:
+        raise ManifestError(where, "source", "a composite reward has no weights of its own")
     if src.kind == "repository":
         base = model_folder
     elif src.kind == "cache":

@@ -17,6 +17,7 @@ from rewardserve.registry.manifest import (
     load_manifest,
     resolve_source,
 )
+from rewardserve.rewards.spec import CompositeSpec
 from rewardserve.schemas.errors import InvalidArgument, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
@@ -155,11 +156,47 @@ class ModelRepository:
         e = self.entries.get(name)
         if e is None or e.manifest is None:
             return None
+        if e.manifest.composite is not None:  # servable when every part's model is
+            return self._unservable_parts(e.manifest.composite)
         try:
             present = resolve_source(e.manifest, e.folder, self.cache_dir).is_dir()
         except ManifestError as err:
             return str(err)
         return None if present else "its weights are not built (run `make models`)"
+
+    def composite_problem(self, spec: CompositeSpec) -> str | None:
+        """Why the model parts of `spec` cannot be served from this repository, or None.
+
+        Each must name a reward model of the repository (name or alias) that is not itself a
+        composite: parts never nest, so a composite can neither contain itself nor a cycle."""
+        for part in spec.model_parts:
+            assert part.model is not None
+            name = self.canonical(part.model)
+            entry = self.entries.get(name)
+            where = f"part '{part.name}'"
+            if entry is None:
+                return f"{where}: no reward model '{part.model}' in the repository"
+            if entry.manifest is None:
+                return f"{where}: reward model '{name}' has a bad manifest: {entry.error}"
+            if entry.manifest.kind != "reward":
+                return f"{where}: '{name}' is a {entry.manifest.kind}, not a reward model"
+            if entry.manifest.composite is not None:
+                return (
+                    f"{where}: '{name}' is a composite; a composite's parts are reward models "
+                    "and rules, not other composites"
+                )
+        return None
+
+    def _unservable_parts(self, spec: CompositeSpec) -> str | None:
+        why = self.composite_problem(spec)
+        if why:
+            return why
+        for part in spec.model_parts:
+            assert part.model is not None
+            part_why = self.unservable(self.canonical(part.model))
+            if part_why:
+                return f"part '{part.name}' ({part.model}): {part_why}"
+        return None
 
     def default_name(self, kind: Kind, loaded: Collection[str]) -> str | None:
         """The configured default, else the model of this kind whose manifest says default,

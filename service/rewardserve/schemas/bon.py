@@ -22,6 +22,9 @@ class PromptInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
     prompt: StrictStr | None = Field(None, min_length=1)
     messages: list[ChatMessage] | None = Field(None, min_length=1)
+    label: StrictStr | None = Field(None, min_length=1)
+    """Reference answer, for a composite reward model's exact_match parts (ignored by
+    others): every candidate of this prompt is compared with it."""
 
     @model_validator(mode="after")
     def _one_form(self) -> PromptInput:
@@ -51,6 +54,9 @@ class BestOfNRequest(SamplingFields):
     messages: list[ChatMessage] | None = Field(None, min_length=1)
     prompts: list[PromptInput] | None = Field(None, min_length=1)
     """Batch form: many prompts, one result each (instead of prompt / messages)."""
+    label: StrictStr | None = Field(None, min_length=1)
+    """With prompt / messages: its reference answer (PromptInput.label); in the batch form
+    each prompt carries its own."""
     n: int = Field(8, ge=1)
     """Candidates sampled per prompt (at most the server's --max-n)."""
     top_k: int = Field(1, ge=1)
@@ -74,12 +80,14 @@ class BestOfNRequest(SamplingFields):
         given = [self.prompt is not None, self.messages is not None, self.prompts is not None]
         if sum(given) != 1:
             raise ValueError("give exactly one of: prompt, messages, prompts")
+        if self.prompts is not None and self.label is not None:
+            raise ValueError("with 'prompts', each prompt carries its own 'label'")
         return self
 
     def inputs(self) -> list[PromptInput]:
         if self.prompts is not None:
             return self.prompts
-        return [PromptInput(prompt=self.prompt, messages=self.messages)]
+        return [PromptInput(prompt=self.prompt, messages=self.messages, label=self.label)]
 
 
 class Candidate(BaseModel):
@@ -142,6 +150,8 @@ class RerankRequest(BaseModel):
     candidates: list[CandidateText] = Field(min_length=1)
     top_k: int | None = Field(None, ge=1)
     """Return only the k best (default: all, ranked)."""
+    label: StrictStr | None = Field(None, min_length=1)
+    """Reference answer, for a composite reward model's exact_match parts."""
 
     @model_validator(mode="after")
     def _one_form(self) -> RerankRequest:

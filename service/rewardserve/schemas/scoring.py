@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
 
 NonEmpty = Field(min_length=1)
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 
 
 class ChatMessage(BaseModel):
@@ -28,6 +29,8 @@ class ScoreItem(BaseModel):
     """A chat, rendered with the model's chat template (or as HH text)."""
     text: StrictStr | None = Field(None, min_length=1)
     """Raw text, scored as it is."""
+    label: StrictStr | None = Field(None, min_length=1)
+    """Reference answer, for a composite reward's exact_match parts (ignored otherwise)."""
 
     @model_validator(mode="after")
     def _one_form(self) -> ScoreItem:
@@ -46,6 +49,9 @@ class ScoreRequest(BaseModel):
     model: StrictStr | None = None
     """Reward model name (GET /v1/models); the default one when absent."""
     items: list[ScoreItem] = Field(min_length=1)
+    weights: dict[StrictStr, FiniteFloat] | None = None
+    """A composite reward's part weights for this request, by part name; parts not named keep
+    the manifest's weight. Refused for a model that is not a composite."""
 
 
 class ScoreResult(BaseModel):
@@ -57,6 +63,9 @@ class ScoreResult(BaseModel):
     truncated: bool
     """The input was longer than the model's max_length; its start was cut."""
     tokens: int
+    parts: dict[str, float] | None = None
+    """A composite reward's part values, each before weighting (its `reward` and
+    `normalized_reward` are both the weighted total); None for a plain model."""
 
 
 class Usage(BaseModel):

@@ -16,6 +16,7 @@ import uuid
 
 from fastapi import APIRouter, Depends, Request
 
+from rewardserve.engine.composite import CompositeReward, openrlhf_items
 from rewardserve.http.auth import require
 from rewardserve.http.deps import scoring, timeout_s
 from rewardserve.http.disconnect import cancel_on_disconnect
@@ -46,9 +47,30 @@ async def get_reward(body: OpenRLHFRequest, request: Request) -> OpenRLHFRespons
         raise InvalidArgument(
             f"{len(body.prompts)} prompts for {len(body.query)} queries", field="prompts"
         )
-    work = scoring(request).score_texts(None, body.query, timeout_s(request), field_of="query")
+    engine = scoring(request)
+    composite = engine.composite(None)
+    if composite is not None:  # labels mean something to it: its exact_match parts' answers
+        return await _composite_reward(request, composite, body)
+    work = engine.score_texts(None, body.query, timeout_s(request), field_of="query")
     _, _, rewards = await cancel_on_disconnect(request, work)
     return OpenRLHFResponse(rewards=rewards, scores=rewards, extra_logs={})
+
+
+async def _composite_reward(
+    request: Request, composite: CompositeReward, body: OpenRLHFRequest
+) -> OpenRLHFResponse:
+    """A composite default: rewards are its totals, extra_logs its parts (OpenRLHF logs
+    them beside the reward)."""
+    items, views = openrlhf_items(body.query, body.prompts, body.labels)
+    timeout = timeout_s(request)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    work = composite.evaluate(
+        scoring(request), items, deadline=deadline, field_of="query", views=views
+    )
+    results = await cancel_on_disconnect(request, work)
+    rewards = [r.reward for r in results]
+    logs = {name: [(r.parts or {})[name] for r in results] for name in composite.spec.names}
+    return OpenRLHFResponse(rewards=rewards, scores=rewards, extra_logs=logs)
 
 
 async def _score(

@@ -42,11 +42,15 @@ def service_item(prompt: PromptInput, response: str) -> ScoreItem | str:
     """
     if prompt.messages is not None:
         reply = ChatMessage(role="assistant", content=response or EMPTY_REPLY)
-        return ScoreItem(messages=[*prompt.messages, reply])
+        return ScoreItem(messages=[*prompt.messages, reply], label=prompt.label)
     assert prompt.prompt is not None
     if not response:
+        if prompt.label is not None:  # a label needs an item to travel in
+            return ScoreItem(
+                text=join_pair(prompt.prompt, response) or EMPTY_REPLY, label=prompt.label
+            )
         return join_pair(prompt.prompt, response)
-    return ScoreItem(prompt=prompt.prompt, response=response)
+    return ScoreItem(prompt=prompt.prompt, response=response, label=prompt.label)
 
 
 class ServiceReward(Closing):

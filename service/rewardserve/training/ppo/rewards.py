@@ -18,6 +18,7 @@ from typing import Any, Protocol, TypeVar
 
 from rewardserve.bon.service import reward_item
 from rewardserve.config import Settings
+from rewardserve.engine.composite import CompositeReward
 from rewardserve.engine.scoring import ScoringEngine
 from rewardserve.schemas.bon import PromptInput
 from rewardserve.schemas.scoring import ScoreRequest
@@ -114,13 +115,17 @@ class InProcessReward:
         self.model: str = info.id
         self._chunk = settings.max_items_per_request
         # the manifest's `ensemble` section (read defensively: older manifests have none)
-        manifest = self.engine.resolve(self.model).manifest
+        composite = self.engine.composite(self.model)
+        manifest = (composite or self.engine.resolve(self.model)).manifest
         self.ensemble: bool | None = getattr(manifest, "ensemble", None) is not None
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     def score(self, prompts: Sequence[PromptInput], responses: Sequence[str]) -> list[float]:
+        composite = self.engine.composite(self.model)
+        if composite is not None:
+            return self._score_composite(composite, prompts, responses)
         loaded = self.engine.resolve(self.model)
         texts = [
             self.engine.render(loaded, reward_item(p, r))
@@ -154,6 +159,23 @@ class InProcessReward:
             )
             results.extend(self._run(self.engine.score(req, timeout_s=3600.0)).results)
         return batch_of_results(results)
+
+    def _score_composite(
+        self, composite: CompositeReward, prompts: Sequence[PromptInput], responses: Sequence[str]
+    ) -> list[float]:
+        """A composite's totals (its parts' weighted sum, each prompt's label going to its
+        exact_match parts), as /v1/score gives them for the same items."""
+        items = [reward_item(p, r) for p, r in zip(prompts, responses, strict=True)]
+        rewards: list[float] = []
+        for start in range(0, len(items), self._chunk):
+            work = composite.evaluate(
+                self.engine,
+                items[start : start + self._chunk],
+                deadline=time.monotonic() + 3600.0,
+                enforce_queue_limit=False,
+            )
+            rewards.extend(r.reward for r in self._run(work))
+        return rewards
 
     def close(self) -> None:
         if self._loop.is_closed():
