@@ -33,6 +33,7 @@ from rewardserve.config import Settings
 from rewardserve.jobs.runners.base import Launch, Runner, worker_pythonpath
 from rewardserve.jobs.runners.local import read_tail, threads_for
 from rewardserve.jobs.store import JobRecord, JobStore, now
+from rewardserve.schemas.bon import PromptInput
 from rewardserve.schemas.errors import Conflict, InvalidArgument, NotFound, ServiceError
 from rewardserve.schemas.evaluation import Evaluation
 from rewardserve.schemas.job_query import MAX_LIMIT as MAX_LIST_LIMIT  # what the API documents
@@ -66,6 +67,10 @@ def _validate_submission(
     return validate_submission(req, job_id, settings, runtime)
 
 
+# A prompt object's fields as a bare string leaves them (every one optional, None).
+_PROMPT_DEFAULTS: dict[str, Any] = {name: None for name in PromptInput.model_fields}
+
+
 def request_hash(req: JobCreate) -> str:
     """A canonical digest of a submission (key order, defaults and the spelling of a prompt do
     not change it: "hi" and {"prompt": "hi"} are one prompt, as REST and gRPC send it)."""
@@ -73,7 +78,7 @@ def request_hash(req: JobCreate) -> str:
     if body.get("prompts"):
         body["prompts"] = [
             # by hand, not PromptInput(prompt=p): a bad prompt ("") is the validator's to refuse
-            {"prompt": p, "messages": None} if isinstance(p, str) else p
+            {**_PROMPT_DEFAULTS, "prompt": p} if isinstance(p, str) else p
             for p in body["prompts"]
         ]
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
