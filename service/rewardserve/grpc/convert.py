@@ -54,6 +54,8 @@ def score_response(resp: ScoreResponse) -> pb.ScoreResponse:
                 normalized_reward=r.normalized_reward,
                 truncated=r.truncated,
                 tokens=r.tokens,
+                uncertainty=r.uncertainty,
+                members=r.members,
             )
             for r in resp.results
         ],
@@ -73,6 +75,7 @@ def model_info(m: ModelInfo) -> pb.ModelInfo:
         description=m.description,
         error=m.error or "",
         aliases=m.aliases,
+        members=m.members,
     )
 
 

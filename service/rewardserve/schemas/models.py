@@ -21,6 +21,8 @@ class ModelInfo(BaseModel):
     max_length: int
     description: str = ""
     error: str | None = None
+    members: int | None = None
+    """Ensembles: how many members score each item; null for a single model."""
 
 
 class ModelList(BaseModel):

@@ -1,0 +1,1 @@
+"""Reward arithmetic shared by serving, Best-of-N and PPO."""
