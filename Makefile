@@ -65,6 +65,7 @@ bench: models proto
 	$(PIP) install -q --no-build-isolation -e '.[bench]'
 	$(PY) benchmarks/bench_scoring.py
 	$(PY) benchmarks/bench_bon.py
+	$(PY) benchmarks/bench_ensemble.py
 	$(PY) benchmarks/bench_ppo.py $(BENCH_PPO_ARGS)
 	$(PY) benchmarks/bench_ppo.py --service $(BENCH_PPO_ARGS)
 	$(PY) benchmarks/bench_jobs.py

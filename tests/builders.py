@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -66,6 +68,42 @@ def build_tiny_rm(
         cfg["mean"], cfg["std"] = stats
         (weights / "config.json").write_text(json.dumps(cfg))
     write_rm_manifest(folder, name, max_length=max_length, default=default)
+    return folder
+
+
+def build_tiny_ensemble(
+    repo: Path,
+    name: str = "tiny-ensemble",
+    seeds: Sequence[int] = (0, 1, 2),
+    *,
+    stats: Sequence[tuple[float, float] | None] | None = None,
+    combine: str | None = None,
+    default: bool = False,
+    sharpen: Callable[[Path, int], None] | None = None,
+    max_length: int = 64,
+) -> Path:
+    """An ensemble reward model laid out as `train-rm --ensemble k` writes it: members
+    weights/members/0..k-1 (each a tiny RM of its seed, with its own stats) and
+    weights/ensemble.json. `sharpen(model_folder, seed)` re-draws each member's weights first
+    (same seed, same member)."""
+    folder = repo / name
+    weights = folder / "weights"
+    scratch = repo.parent / f".{name}-members"
+    rels = []
+    for i, seed in enumerate(seeds):
+        member_stats = stats[i] if stats is not None else (0.5 + i, 2.0 + i)
+        built = build_tiny_rm(scratch, f"m{i}", seed, stats=member_stats)
+        if sharpen is not None:
+            sharpen(built, seed)
+        (weights / "members").mkdir(parents=True, exist_ok=True)
+        shutil.move(built / "weights", weights / "members" / str(i))
+        rels.append(f"members/{i}")
+    shutil.rmtree(scratch)
+    (weights / "ensemble.json").write_text(json.dumps({"members": rels}))
+    ensemble: dict[str, object] = {"members": rels}
+    if combine is not None:
+        ensemble["combine"] = combine
+    write_rm_manifest(folder, name, max_length=max_length, default=default, ensemble=ensemble)
     return folder
 
 

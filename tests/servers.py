@@ -321,6 +321,8 @@ def pb_response_dict(resp) -> dict:
                 "index": r.index,
                 "reward": r.reward,
                 "normalized_reward": r.normalized_reward,
+                "uncertainty": r.uncertainty if r.HasField("uncertainty") else None,
+                "members": list(r.members) or None,  # a single model's: none
                 "truncated": r.truncated,
                 "tokens": r.tokens,
                 "parts": dict(r.parts) or None,

@@ -84,6 +84,12 @@ async def best_of_n_file(
                     "normalized_reward": res.chosen.normalized_reward,
                     "scores": [c.reward for c in by_index],
                     "candidates": [c.text for c in by_index],
+                    # ensembles: the chosen one's member spread (single models: absent)
+                    **(
+                        {"uncertainty": res.chosen.uncertainty}
+                        if res.chosen.uncertainty is not None
+                        else {}
+                    ),
                     "policy": resp.policy,
                     "reward_model": resp.reward_model,
                 }

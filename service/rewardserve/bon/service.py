@@ -29,9 +29,10 @@ from rewardserve.bon.selection import reported_kl_bound, select
 from rewardserve.bon.speculative import SpeculativeRejection
 from rewardserve.config import Settings
 from rewardserve.engine.composite import CompositeReward
-from rewardserve.engine.scoring import LoadedModel, ScoringEngine
+from rewardserve.engine.scoring import ItemScore, LoadedModel, ScoringEngine
 from rewardserve.policy.base import Generation, PolicyBackend, Sampling
 from rewardserve.policy.manager import PolicyManager
+from rewardserve.rewards.objectives import objective_value
 from rewardserve.schemas.bon import (
     BestOfNRequest,
     BestOfNResponse,
@@ -94,6 +95,17 @@ def policy_prompt_ids(
     return list(tok(item.prompt)["input_ids"])
 
 
+def ranking_value(
+    score: ItemScore | Candidate | RankedCandidate, objective: str, lam: float
+) -> float:
+    """What a candidate is ranked and chosen by: its reward under `objective`. `mean` is the
+    reward itself (the ensemble's combined reward); the others read the members' normalized
+    rewards. A single model has no members, so every objective is its plain reward."""
+    if objective == "mean" or score.members is None:
+        return score.reward
+    return objective_value(objective, score.members, lam)
+
+
 def reward_item(item: PromptInput, response: str) -> ScoreItem:
     """What the reward model judges: the prompt with the candidate as the assistant's reply.
     Built unvalidated: an empty candidate is a legal (if poor) answer. The prompt's label
@@ -125,7 +137,7 @@ class BestOfN:
 
     async def _reward(
         self, model: LoadedModel | CompositeReward, item: PromptInput, text: str, deadline: float
-    ) -> tuple[float, float]:
+    ) -> ItemScore:
         if isinstance(model, CompositeReward):  # its total is reward and normalized alike
             (result,) = await model.evaluate(
                 self.scoring,
@@ -133,12 +145,12 @@ class BestOfN:
                 deadline=deadline,
                 enforce_queue_limit=False,
             )
-            return result.reward, result.normalized_reward
+            return ItemScore(result.reward, result.normalized_reward)
         rendered = self.scoring.render(model, reward_item(item, text))
-        _, _, (reward,) = await self.scoring.score_texts(
-            model.scorer.name, [rendered], deadline=deadline, enforce_queue_limit=False
+        _, _, (score,) = await self.scoring.score_items(
+            model.name, [rendered], deadline=deadline, enforce_queue_limit=False
         )
-        return reward, model.scorer.normalizer(reward)
+        return score
 
     def _check(self, req: BestOfNRequest, policy: PolicyBackend, prompts: list[list[int]]):
         s = self.settings
@@ -239,19 +251,21 @@ class BestOfN:
         inputs = req.inputs()
         sampling = Sampling(req.temperature, req.top_p, req.max_tokens, req.seed, tuple(req.stop))
 
-        def scored_candidate(gen: Generation, reward: float) -> ScoredCandidate:
+        def scored_candidate(gen: Generation, score: ItemScore) -> ScoredCandidate:
             cand = Candidate(
                 index=gen.index,
                 text=gen.text,
-                reward=reward,
-                normalized_reward=model.scorer.normalizer(reward),
+                reward=score.reward,
+                normalized_reward=score.normalized_reward,
+                uncertainty=score.uncertainty,
+                members=score.members,
                 tokens=len(gen.token_ids),
                 finish_reason=gen.finish_reason,  # type: ignore[arg-type]
             )
             return ScoredCandidate(gen.prompt_index, cand)
 
-        async def reward_of(gen: Generation) -> float:
-            return (await self._reward(model, inputs[gen.prompt_index], gen.text, deadline))[0]
+        async def reward_of(gen: Generation) -> ItemScore:
+            return await self._reward(model, inputs[gen.prompt_index], gen.text, deadline)
 
         async def score(gen: Generation) -> ScoredCandidate:
             return scored_candidate(gen, await reward_of(gen))
@@ -265,7 +279,14 @@ class BestOfN:
         generated_tokens = 0
         if req.strategy == "speculative":
             spec = SpeculativeRejection(
-                policy, prompts, req.n, sampling, req.rejection_rate, req.chunk_tokens, reward_of
+                policy,
+                prompts,
+                req.n,
+                sampling,
+                req.rejection_rate,
+                req.chunk_tokens,
+                reward_of,
+                key=lambda score: ranking_value(score, req.objective, req.uncertainty_lambda),
             )
             async for ended in spec.run():
                 # a rejected candidate keeps the reward its partial text got: scored once
@@ -330,15 +351,17 @@ class BestOfN:
                 (e.candidate for e in scored if e.prompt_index == p), key=lambda c: c.index
             )
             eligible = [c for c in cands if c.finish_reason != "rejected"] or cands
+            lam = req.uncertainty_lambda
+            value = {c.index: ranking_value(c, req.objective, lam) for c in cands}
             pick = select(
-                [c.reward for c in eligible],
+                [value[c.index] for c in eligible],
                 req.selection,
                 req.selection_temperature,
                 None if req.seed is None else req.seed + p,
             )
             # Finished candidates first: a rejected one's reward is of its partial text.
             ranked = sorted(
-                cands, key=lambda c: (c.finish_reason == "rejected", -c.reward, c.index)
+                cands, key=lambda c: (c.finish_reason == "rejected", -value[c.index], c.index)
             )
             results.append(
                 PromptResult(
@@ -353,7 +376,7 @@ class BestOfN:
         prompt_tokens = sum(len(ids) for ids in prompts)
         return BestOfNResponse(
             policy=policy.name,
-            reward_model=model.scorer.name,
+            reward_model=model.name,
             strategy=req.strategy,
             results=results,
             usage=BonUsage(
@@ -385,25 +408,25 @@ class BestOfN:
         if isinstance(model, CompositeReward):
             return await self._rerank_composite(req, model, item, deadline)
         texts = [self.scoring.render(model, reward_item(item, c)) for c in req.candidates]
-        model, encoded, rewards = await within(
+        model, encoded, scores = await within(
             deadline,
-            self.scoring.score_texts(
-                model.scorer.name, texts, field_of="candidates", deadline=deadline
-            ),
+            self.scoring.score_items(model.name, texts, field_of="candidates", deadline=deadline),
         )
-        norm = model.scorer.normalizer
-        ranked = sorted(range(len(rewards)), key=lambda i: (-rewards[i], i))
+        value = [ranking_value(s, req.objective, req.uncertainty_lambda) for s in scores]
+        ranked = sorted(range(len(scores)), key=lambda i: (-value[i], i))
         if req.top_k is not None:
             ranked = ranked[: req.top_k]
         tokens = sum(len(e) for e in encoded)
         return RerankResponse(
-            reward_model=model.scorer.name,
+            reward_model=model.name,
             results=[
                 RankedCandidate(
                     index=i,
                     text=req.candidates[i],
-                    reward=rewards[i],
-                    normalized_reward=norm(rewards[i]),
+                    reward=scores[i].reward,
+                    normalized_reward=scores[i].normalized_reward,
+                    uncertainty=scores[i].uncertainty,
+                    members=scores[i].members,
                 )
                 for i in ranked
             ],

@@ -62,11 +62,12 @@ class Ended:
     (then its text and tokens are the partial ones its reward was computed on)."""
 
     generation: Generation
-    reward: float
+    reward: Any
+    """What the score function gave for that text (a float, or the service's ItemScore)."""
 
 
-ScoreFn = Callable[[Generation], Awaitable[float]]
-"""The reward of a (partial or final) candidate's text."""
+ScoreFn = Callable[[Generation], Awaitable[Any]]
+"""The reward of a (partial or final) candidate's text; `key` makes it a number to rank."""
 
 
 @dataclass
@@ -78,7 +79,7 @@ class _Candidate:
     ended: bool = False
 
 
-_Scored = tuple[_Candidate, Generation, float]
+_Scored = tuple[_Candidate, Generation, Any]
 
 
 @dataclass
@@ -100,9 +101,12 @@ class SpeculativeRejection:
         rejection_rate: float,
         chunk_tokens: int,
         score: ScoreFn,
+        key: Callable[[Any], float] = float,
     ) -> None:
         self.policy, self.prompts, self.n, self.sampling = policy, prompts, n, sampling
         self.rejection_rate, self.chunk_tokens, self.score = rejection_rate, chunk_tokens, score
+        self.key = key
+        """The ranking value of a score (e.g. an ensemble objective); float for plain rewards."""
         self.generated_tokens = 0
         """Every token the backend generated, the run-ahead of aborted candidates included."""
         self.rounds = 0
@@ -126,7 +130,7 @@ class SpeculativeRejection:
     def _rank(self, scored: Sequence[_Scored]) -> tuple[list[_Scored], list[_Scored]]:
         """(survivors, rejected) of one prompt's partial candidates: best reward first,
         the lower sample index among ties (reproducible)."""
-        ranked = sorted(scored, key=lambda x: (-x[2], x[0].index))
+        ranked = sorted(scored, key=lambda x: (-self.key(x[2]), x[0].index))
         keep = survivors(len(ranked), self.rejection_rate)
         return ranked[:keep], ranked[keep:]
 

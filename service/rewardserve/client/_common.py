@@ -187,6 +187,8 @@ def score_response(resp: pb.ScoreResponse) -> ScoreResponse:
                 truncated=r.truncated,
                 tokens=r.tokens,
                 parts=dict(r.parts) or None,
+                uncertainty=r.uncertainty if r.HasField("uncertainty") else None,
+                members=list(r.members) or None,
             )
             for r in resp.results
         ],
@@ -202,16 +204,28 @@ def _as_dict(msg: Message) -> dict[str, Any]:
     )
 
 
+def _single_model_members(candidate: dict[str, Any]) -> dict[str, Any]:
+    # proto3 cannot tell an empty repeated field from an absent one: no members is a
+    # single reward model, null in the schema as over REST
+    candidate["members"] = candidate.get("members") or None
+    return candidate
+
+
 def bon_response(resp: bon_pb.BestOfNResponse) -> BestOfNResponse:
     data = _as_dict(resp)
     for result in data["results"]:
         result.setdefault("kl_bound", None)
         result["kl_bound_note"] = result.get("kl_bound_note") or None
+        for cand in [result["chosen"], *result["candidates"]]:
+            _single_model_members(cand)
     return BestOfNResponse.model_validate(data)
 
 
 def rerank_response(resp: bon_pb.RerankResponse) -> RerankResponse:
-    return RerankResponse.model_validate(_as_dict(resp))
+    data = _as_dict(resp)
+    for cand in data["results"]:
+        _single_model_members(cand)
+    return RerankResponse.model_validate(data)
 
 
 def models_response(resp: pb.ListModelsResponse) -> list[ModelInfo]:

@@ -114,14 +114,15 @@ class CompositeReward:
                 f"composite '{self.name}' needs reward model '{model_name}': {e.message}"
             ) from None
         texts = [engine.render(model, it, f"{field_of}.{i}.messages") for i, it in enumerate(items)]
-        _, encoded, raw = await engine.score_texts(
-            model.scorer.name,
+        # score_items: an ensemble part gives its combined reward and normalized reward
+        _, encoded, scores = await engine.score_items(
+            model.name,
             texts,
             field_of=field_of,
             deadline=deadline,
             enforce_queue_limit=enforce_queue_limit,
         )
-        return encoded, raw, [model.scorer.normalizer(r) for r in raw]
+        return encoded, [s.reward for s in scores], [s.normalized_reward for s in scores]
 
     async def evaluate(
         self,

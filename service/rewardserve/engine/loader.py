@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -14,7 +15,12 @@ from rewardserve.engine.scorer import Normalizer, RewardScorer
 from rewardserve.loading import LOAD_LOCK
 from rewardserve.modeling import ensure_pad_token
 from rewardserve.registry.dtypes import resolve_dtype
-from rewardserve.registry.manifest import ManifestError, ModelManifest, resolve_source
+from rewardserve.registry.manifest import (
+    ManifestError,
+    ModelManifest,
+    resolve_members,
+    resolve_source,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +47,53 @@ def _value_head(folder: Path, prefix: str, hidden: int, where: Path) -> torch.nn
 def load_reward_model(
     manifest: ModelManifest, model_folder: Path, cache_dir: Path, allow_trust_remote_code: bool
 ) -> RewardScorer:
+    """A single reward model (an ensemble's members: load_reward_members)."""
+    if manifest.ensemble is not None:
+        where = model_folder / "model.yaml"
+        raise ManifestError(where, "ensemble", "an ensemble loads with load_reward_members")
+    (scorer,) = load_reward_members(manifest, model_folder, cache_dir, allow_trust_remote_code)
+    return scorer
+
+
+def load_reward_members(
+    manifest: ModelManifest, model_folder: Path, cache_dir: Path, allow_trust_remote_code: bool
+) -> list[RewardScorer]:
+    """One scorer per member of an ensemble, in manifest order; one for a single model."""
     where = model_folder / "model.yaml"
+    _check_loadable(manifest, where, allow_trust_remote_code)
+    if manifest.ensemble is None:
+        folders = [resolve_source(manifest, model_folder, cache_dir)]
+        labels = [""]
+    else:
+        folders = resolve_members(manifest, model_folder, cache_dir)
+        labels = [f"ensemble member '{m}' " for m in manifest.ensemble.members]
+    for folder, label in zip(folders, labels, strict=True):
+        if not folder.is_dir():
+            raise FileNotFoundError(
+                f"{label}weights of '{manifest.name}' not found at {folder} (run `make models`?)"
+            )
+    with LOAD_LOCK:
+        scorers = [_load(manifest, f, where, allow_trust_remote_code) for f in folders]
+    if manifest.chat_template and len({s.tokenizer.chat_template for s in scorers}) > 1:
+        # render() writes one text per item for all members, with the first one's template
+        raise ManifestError(
+            where, "ensemble.members", "members with chat_template need the same chat template"
+        )
+    return scorers
+
+
+def same_tokenizer(a: Any, b: Any) -> bool:
+    """Whether two tokenizers encode every text alike (members trained from one backbone
+    share one), so an ensemble's items can be tokenized once for all members."""
+    if type(a) is not type(b) or a.special_tokens_map != b.special_tokens_map:
+        return False
+    if getattr(a, "is_fast", False):
+        # the serialized fast tokenizer: vocabulary, normalizer, pre-tokenizer, post-processor
+        return a.backend_tokenizer.to_str() == b.backend_tokenizer.to_str()
+    return a.get_vocab() == b.get_vocab() and a.init_kwargs == b.init_kwargs
+
+
+def _check_loadable(manifest: ModelManifest, where: Path, allow_trust_remote_code: bool) -> None:
     if manifest.kind != "reward":
         raise ManifestError(where, "kind", "only reward models can be loaded for scoring")
     if manifest.trust_remote_code and not allow_trust_remote_code:
@@ -50,13 +102,6 @@ def load_reward_model(
             "trust_remote_code",
             "the server does not allow remote code (--allow-trust-remote-code)",
         )
-    folder = resolve_source(manifest, model_folder, cache_dir)
-    if not folder.is_dir():
-        raise FileNotFoundError(
-            f"weights of '{manifest.name}' not found at {folder} (run `make models`?)"
-        )
-    with LOAD_LOCK:
-        return _load(manifest, folder, where, allow_trust_remote_code)
 
 
 def _load(

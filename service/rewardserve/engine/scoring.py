@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -20,10 +21,11 @@ from rewardserve.config import Settings
 from rewardserve.engine.batcher import Batcher, BatchLimits
 from rewardserve.engine.composite import CompositeReward, load_composite
 from rewardserve.engine.inputs import Encoded, join_pair, render_hh
-from rewardserve.engine.loader import load_reward_model
+from rewardserve.engine.loader import load_reward_members, same_tokenizer
 from rewardserve.engine.scorer import ChatTemplateError, RewardScorer
 from rewardserve.registry.manifest import ModelManifest
 from rewardserve.registry.repository import Entry, ModelRepository
+from rewardserve.rewards import objectives
 from rewardserve.schemas.errors import InvalidArgument, NotFound, ServiceError, Unavailable
 from rewardserve.schemas.models import ModelInfo
 from rewardserve.schemas.scoring import ScoreItem, ScoreRequest, ScoreResponse, ScoreResult, Usage
@@ -38,13 +40,108 @@ INLINE_TOKENIZE_CHARS = 8192
 
 
 @dataclass
-class LoadedModel:
-    manifest: ModelManifest
+class Member:
+    """One reward model that scores: a single model's only member, or one of an ensemble's."""
+
     scorer: RewardScorer
     batcher: Batcher
 
+
+@dataclass
+class LoadedModel:
+    manifest: ModelManifest
+    members: list[Member]
+    """One for a single model; an ensemble's in manifest order."""
+    shared_tokenizer: bool = True
+    """Every member tokenizes alike, so items are tokenized once for all of them."""
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def scorer(self) -> RewardScorer:
+        """The first member's scorer: its chat template renders an item for every member."""
+        return self.members[0].scorer
+
+    @property
+    def is_ensemble(self) -> bool:
+        return self.manifest.ensemble is not None
+
+    @property
+    def failure(self) -> str | None:
+        """Why the model cannot serve now (a member's batcher loop died), or None."""
+        return next((m.batcher.failure for m in self.members if m.batcher.failure), None)
+
+    @property
+    def gave_up(self) -> bool:
+        return any(m.batcher.gave_up for m in self.members)
+
     def encode(self, texts: Sequence[str]) -> list[Encoded]:
         return self.scorer.encode(texts)
+
+    def encode_members(self, texts: Sequence[str]) -> list[list[Encoded]]:
+        """Each member's encodings of `texts` (one shared list when they share a tokenizer)."""
+        if self.shared_tokenizer:
+            return [self.encode(texts)] * len(self.members)
+        return [m.scorer.encode(texts) for m in self.members]
+
+    def combine(self, raw: Sequence[Sequence[float]]) -> list[ItemScore]:
+        """Items' scores from each member's raw rewards (raw[member][item])."""
+        if not self.is_ensemble:
+            norm = self.scorer.normalizer
+            return [ItemScore(r, norm(r)) for r in raw[0]]
+        assert self.manifest.ensemble is not None
+        by_raw = self.manifest.ensemble.combine == "raw"
+        out = []
+        for rewards in zip(*raw, strict=True):
+            normed = [m.scorer.normalizer(r) for m, r in zip(self.members, rewards, strict=True)]
+            normalized = objectives.mean(normed)
+            reward = objectives.mean(rewards) if by_raw else normalized
+            out.append(ItemScore(reward, normalized, objectives.std(normed), normed))
+        return out
+
+    async def submit(
+        self, encodings: Sequence[list[Encoded]], deadline: float, enforce_queue_limit: bool
+    ) -> list[list[float]]:
+        """Each member's raw rewards, its batcher scoring them concurrently with the others'.
+        The first member to fail fails the call, and the others' items are dropped."""
+        if len(self.members) == 1:
+            (member,) = self.members
+            return [
+                await member.batcher.submit(
+                    encodings[0], deadline, enforce_queue_limit=enforce_queue_limit
+                )
+            ]
+        work = [
+            asyncio.ensure_future(
+                m.batcher.submit(enc, deadline, enforce_queue_limit=enforce_queue_limit)
+            )
+            for m, enc in zip(self.members, encodings, strict=True)
+        ]
+        try:
+            await asyncio.wait(work, return_when=asyncio.FIRST_EXCEPTION)
+            for task in work:
+                if task.done() and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+            return [task.result() for task in work]
+        finally:
+            for task in work:
+                task.cancel()
+            await asyncio.gather(*work, return_exceptions=True)
+
+
+@dataclass(frozen=True)
+class ItemScore:
+    """What a reward model says about one item."""
+
+    reward: float
+    """Raw (a single model), or an ensemble's combined reward (manifest ensemble.combine)."""
+    normalized_reward: float
+    uncertainty: float | None = None
+    """Ensembles: population std of the members' normalized rewards."""
+    members: list[float] | None = None
+    """Ensembles: each member's normalized reward, in manifest order."""
 
 
 class ScoringEngine:
@@ -117,7 +214,7 @@ class ScoringEngine:
 
     def failures(self) -> dict[str, str]:
         """Loaded models that cannot serve right now (their batcher loop died), and why."""
-        return {n: m.batcher.failure for n, m in self.models.items() if m.batcher.failure}
+        return {n: m.failure for n, m in self.models.items() if m.failure}
 
     async def load(self, name: str) -> ModelInfo:
         """Load a reward model; a composite loads the models its parts name."""
@@ -132,9 +229,9 @@ class ScoringEngine:
             self.repository.rescan()
             name = self.repository.canonical(name)
             failed = self.models.get(name)
-            if failed is not None and failed.batcher.gave_up:  # loading again is the way back
+            if failed is not None and failed.gave_up:  # loading again is the way back
                 del self.models[name]
-                await failed.batcher.close()
+                await self._close(failed)
             if name not in self.models:
                 entry = self.entries.get(name)
                 if entry is None:
@@ -149,8 +246,8 @@ class ScoringEngine:
                         field="model",
                     )
                 try:
-                    scorer = await asyncio.to_thread(
-                        load_reward_model,
+                    scorers = await asyncio.to_thread(
+                        load_reward_members,
                         entry.manifest,
                         entry.folder,
                         self.settings.cache_dir,
@@ -166,17 +263,7 @@ class ScoringEngine:
                     self.failed[name] = f"could not load its weights: {type(e).__name__}: {e}"
                     raise Unavailable(f"model '{name}' {self.failed[name]}") from None
                 self.failed.pop(name, None)
-                batcher = Batcher(
-                    name,
-                    scorer.forward,
-                    self._executor,
-                    self.limits,
-                    max_restarts=self.settings.batcher_max_restarts,
-                    restart_backoff_s=self.settings.batcher_restart_backoff_s,
-                    on_change=self._readiness_changed,
-                )
-                batcher.start()
-                self.models[name] = LoadedModel(entry.manifest, scorer, batcher)
+                self.models[name] = self._serve(entry.manifest, scorers)
                 self._readiness_changed()
             return self._info(name)
 
@@ -193,9 +280,35 @@ class ScoringEngine:
                 raise NotFound(f"model '{name}' is not loaded", field="model")
             if name in self.expected:  # unloaded on purpose: readiness no longer waits for it
                 self.expected.remove(name)
-            await model.batcher.close()
+            await self._close(model)
             self._readiness_changed()
             return self._info(name)
+
+    def _serve(self, manifest: ModelManifest, scorers: list[RewardScorer]) -> LoadedModel:
+        """The loaded scorers with a started batcher each (all on the one forward thread)."""
+        labels = manifest.ensemble.members if manifest.ensemble else [None]
+        members = []
+        for scorer, label in zip(scorers, labels, strict=True):
+            batcher = Batcher(
+                manifest.name if label is None else f"{manifest.name}/{label}",
+                scorer.forward,
+                self._executor,
+                self.limits,
+                max_restarts=self.settings.batcher_max_restarts,
+                restart_backoff_s=self.settings.batcher_restart_backoff_s,
+                on_change=self._readiness_changed,
+            )
+            batcher.start()
+            members.append(Member(scorer, batcher))
+        shared = all(same_tokenizer(scorers[0].tokenizer, s.tokenizer) for s in scorers[1:])
+        if not shared:
+            log.info("members of %s tokenize differently: each encodes its own", manifest.name)
+        return LoadedModel(manifest, members, shared_tokenizer=shared)
+
+    @staticmethod
+    async def _close(model: LoadedModel) -> None:
+        for member in model.members:
+            await member.batcher.close()
 
     # ---- queries ---------------------------------------------------------------------
 
@@ -226,7 +339,7 @@ class ScoringEngine:
             )
         active = name in self.composites
         if loaded:
-            failure = loaded.batcher.failure
+            failure = loaded.failure
         elif active:
             failure = None
         else:
@@ -242,6 +355,7 @@ class ScoringEngine:
             max_length=manifest.max_length,
             description=manifest.description,
             error=failure,
+            members=len(manifest.ensemble.members) if manifest.ensemble else None,
         )
 
     def list_models(self) -> list[ModelInfo]:
@@ -290,16 +404,31 @@ class ScoringEngine:
         texts: Sequence[str],
         timeout_s: float | None = None,
         field_of: str = "items",
+        **options: Any,
+    ) -> tuple[LoadedModel, list[Encoded], list[float]]:
+        """Rendered texts -> (model, encodings, rewards): raw rewards of a single model, an
+        ensemble's combined `reward`. What the compat routes and PPO read; score_items
+        (which takes the same `options`) gives the whole of each result."""
+        model, encoded, scores = await self.score_items(name, texts, timeout_s, field_of, **options)
+        return model, encoded, [s.reward for s in scores]
+
+    async def score_items(
+        self,
+        name: str | None,
+        texts: Sequence[str],
+        timeout_s: float | None = None,
+        field_of: str = "items",
         *,
         deadline: float | None = None,
         enforce_queue_limit: bool = True,
-    ) -> tuple[LoadedModel, list[Encoded], list[float]]:
-        """Rendered texts -> (model, encodings, raw rewards). The one path every API takes.
+    ) -> tuple[LoadedModel, list[Encoded], list[ItemScore]]:
+        """Rendered texts -> (model, encodings, scores). The one path every API takes.
 
         enforce_queue_limit=False is for callers that do their own admission (Best-of-N):
         they never get a 429 from the scorer. `deadline` (time.monotonic()) is the caller's
         whole-request deadline and wins over `timeout_s`; without either, the request gets
-        --request-timeout-s from now.
+        --request-timeout-s from now. The encodings are the first member's (an ensemble's
+        members share them unless their tokenizers differ).
         """
         if deadline is None:
             # The deadline runs from arrival: time spent tokenizing counts against it too.
@@ -307,15 +436,14 @@ class ScoringEngine:
         self._check_limits(texts, field_of)
         model = self.resolve(name)
         if enforce_queue_limit:  # before tokenizing a request that could never be queued
-            model.batcher.check_request_size(len(texts), field_of)
+            for member in model.members:
+                member.batcher.check_request_size(len(texts), field_of)
         if sum(map(len, texts)) <= INLINE_TOKENIZE_CHARS:
-            encoded = model.encode(texts)
+            encodings = model.encode_members(texts)
         else:
-            encoded = await asyncio.to_thread(model.encode, texts)
-        rewards = await model.batcher.submit(
-            encoded, deadline, enforce_queue_limit=enforce_queue_limit
-        )
-        return model, encoded, rewards
+            encodings = await asyncio.to_thread(model.encode_members, texts)
+        raw = await model.submit(encodings, deadline, enforce_queue_limit)
+        return model, encodings[0], model.combine(raw)
 
     async def score(self, req: ScoreRequest, timeout_s: float | None = None) -> ScoreResponse:
         if len(req.items) > self.settings.max_items_per_request:
@@ -325,23 +453,28 @@ class ScoringEngine:
             return await composite.score(self, req, timeout_s)
         if req.weights is not None:
             raise InvalidArgument(
-                f"'{self.resolve(req.model).scorer.name}' is not a composite reward: it has "
+                f"'{self.resolve(req.model).name}' is not a composite reward: it has "
                 "no part weights",
                 field="weights",
             )
         model = self.resolve(req.model)
         texts = [self.render(model, it, f"items.{i}.messages") for i, it in enumerate(req.items)]
-        model, encoded, rewards = await self.score_texts(model.scorer.name, texts, timeout_s)
-        norm = model.scorer.normalizer
+        model, encoded, scores = await self.score_items(model.name, texts, timeout_s)
         results = [
             ScoreResult(
-                index=i, reward=r, normalized_reward=norm(r), truncated=e.truncated, tokens=len(e)
+                index=i,
+                reward=s.reward,
+                normalized_reward=s.normalized_reward,
+                uncertainty=s.uncertainty,
+                members=s.members,
+                truncated=e.truncated,
+                tokens=len(e),
             )
-            for i, (e, r) in enumerate(zip(encoded, rewards, strict=True))
+            for i, (e, s) in enumerate(zip(encoded, scores, strict=True))
         ]
         tokens = sum(len(e) for e in encoded)
         return ScoreResponse(
-            model=model.scorer.name,
+            model=model.name,
             results=results,
             usage=Usage(prompt_tokens=tokens, total_tokens=tokens),
         )

@@ -65,6 +65,8 @@ def score_response(resp: ScoreResponse) -> pb.ScoreResponse:
                 truncated=r.truncated,
                 tokens=r.tokens,
                 parts=r.parts,
+                uncertainty=r.uncertainty,
+                members=r.members,
             )
             for r in resp.results
         ],
@@ -92,6 +94,7 @@ def model_info(m: ModelInfo) -> pb.ModelInfo:
         error=m.error or "",
         aliases=m.aliases,
         evaluation=None if m.evaluation is None else model_evaluation(m.evaluation),
+        members=m.members,
     )
 
 

@@ -91,6 +91,27 @@ class PolicySpec(_Strict):
         return self
 
 
+class Ensemble(_Strict):
+    """A reward model made of members (each a HF reward-model folder with its own mean/std
+    in config.json), as `rewardserve train-rm --ensemble k` writes them."""
+
+    members: list[str] = Field(min_length=2)
+    """Member folders, relative to the model's source folder (e.g. members/0)."""
+    combine: Literal["normalized", "raw"] = "normalized"
+    """How `reward` is formed: normalized, the mean of the members' normalized rewards;
+    raw, the mean of their raw rewards. `normalized_reward` is always the former."""
+
+    @field_validator("members")
+    @classmethod
+    def _relative_distinct(cls, v: list[str]) -> list[str]:
+        for i, rel in enumerate(v):
+            if not rel or Path(rel).is_absolute() or ".." in Path(rel).parts:
+                raise ValueError(f"member {i} ('{rel}') must be a relative path inside the source")
+            if Path(rel) in [Path(r) for r in v[:i]]:
+                raise ValueError(f"member {i} ('{rel}') is listed twice")
+        return v
+
+
 class Normalization(_Strict):
     mean: float = 0.0
     std: float = Field(1.0, gt=0)
@@ -144,6 +165,10 @@ class ModelManifest(_Strict):
     """Serve this model when a request names none (one reward model, one policy)."""
     policy: PolicySpec | None = None
     """Policies only: how they generate (defaults apply when absent)."""
+    ensemble: Ensemble | None = None
+    """Reward models only: score with every member and report their mean and spread
+    (`uncertainty`). The manifest's other settings (head, max_length, dtype, ...) apply to
+    every member."""
 
     @field_validator("aliases")
     @classmethod
@@ -183,6 +208,25 @@ class ModelManifest(_Strict):
     ) -> PolicySpec | None:
         if v is not None and info.data.get("kind") != "policy":
             raise ValueError("'policy' settings are for kind: policy only")
+        return v
+
+    @field_validator("ensemble")
+    @classmethod
+    def _ensemble_only_on_reward_models(
+        cls, v: Ensemble | None, info: ValidationInfo
+    ) -> Ensemble | None:
+        if v is None:
+            return v
+        if info.data.get("kind") != "reward":
+            raise ValueError("'ensemble' is for kind: reward only")
+        if info.data.get("normalization") is not None:
+            raise ValueError(
+                "an ensemble's members each read their own mean/std from config.json; "
+                "drop 'normalization'"
+            )
+        source = info.data.get("source")
+        if source is not None and source.gguf_file:
+            raise ValueError("ensemble members are model folders; drop 'source.gguf_file'")
         return v
 
     @field_validator("dtype")
@@ -247,3 +291,16 @@ def resolve_source(manifest: ModelManifest, model_folder: Path, cache_dir: Path)
     if src.gguf_file:
         _confined(folder, src.gguf_file, where, "source.gguf_file")
     return folder
+
+
+def resolve_members(manifest: ModelManifest, model_folder: Path, cache_dir: Path) -> list[Path]:
+    """The weight folders a reward model scores with: its source folder, or its ensemble's
+    member folders inside it (confined like source.path)."""
+    folder = resolve_source(manifest, model_folder, cache_dir)
+    if manifest.ensemble is None:
+        return [folder]
+    where = model_folder / MANIFEST_NAME
+    return [
+        _confined(folder, rel, where, f"ensemble.members.{i}")
+        for i, rel in enumerate(manifest.ensemble.members)
+    ]

@@ -44,7 +44,17 @@ class SamplingFields(BaseModel):
     stop: list[StopString] = Field(default_factory=list, max_length=8)
 
 
-class BestOfNRequest(SamplingFields):
+class ObjectiveFields(BaseModel):
+    objective: Literal["mean", "worst_case", "uncertainty_weighted"] = "mean"
+    """What a reward-model ensemble's candidates are ranked and chosen by (Coste et al.
+    2023): mean, the reward; worst_case, the lowest member's normalized reward;
+    uncertainty_weighted, the members' mean normalized reward - uncertainty_lambda x their
+    variance. With a single reward model every objective is the plain reward."""
+    uncertainty_lambda: float = Field(1.0, ge=0, allow_inf_nan=False)
+    """lambda of uncertainty_weighted."""
+
+
+class BestOfNRequest(SamplingFields, ObjectiveFields):
     model_config = ConfigDict(extra="forbid")
     policy: StrictStr | None = None
     """Policy name (GET /v1/models, kind policy); the default one when absent."""
@@ -96,6 +106,10 @@ class Candidate(BaseModel):
     text: str
     reward: float
     normalized_reward: float
+    uncertainty: float | None = None
+    """Ensembles: std of the members' normalized rewards; null for a single model."""
+    members: list[float] | None = None
+    """Ensembles: each member's normalized reward; null for a single model."""
     tokens: int
     """Generated tokens."""
     finish_reason: Literal["stop", "length", "rejected"]
@@ -141,7 +155,7 @@ class BestOfNResponse(BaseModel):
     timings: BonTimings
 
 
-class RerankRequest(BaseModel):
+class RerankRequest(ObjectiveFields):
     model_config = ConfigDict(extra="forbid")
     reward_model: StrictStr | None = None
     prompt: StrictStr | None = None
@@ -166,6 +180,10 @@ class RankedCandidate(BaseModel):
     text: str
     reward: float
     normalized_reward: float
+    uncertainty: float | None = None
+    """Ensembles: std of the members' normalized rewards; null for a single model."""
+    members: list[float] | None = None
+    """Ensembles: each member's normalized reward; null for a single model."""
 
 
 class RerankResponse(BaseModel):

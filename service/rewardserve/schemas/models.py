@@ -26,6 +26,8 @@ class ModelInfo(BaseModel):
     evaluation: EvaluationSummary | None = None
     """Reward models: the latest evaluation (`rewardserve eval-rm` or a reward_eval job) on
     preference pairs; None when never evaluated."""
+    members: int | None = None
+    """Ensembles: how many members score each item; null for a single model."""
 
 
 class ModelList(BaseModel):

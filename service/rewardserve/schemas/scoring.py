@@ -57,9 +57,17 @@ class ScoreRequest(BaseModel):
 class ScoreResult(BaseModel):
     index: int
     reward: float
-    """Raw model output."""
+    """Raw model output; an ensemble's: the mean of its members' normalized rewards, or of
+    their raw ones (manifest ensemble.combine: raw)."""
     normalized_reward: float
-    """(reward - mean) / std with the model's reward statistics."""
+    """(reward - mean) / std with the model's reward statistics; an ensemble's: the mean of
+    its members' normalized rewards."""
+    uncertainty: float | None = None
+    """Ensembles: the (population) standard deviation of the members' normalized rewards;
+    null for a single model."""
+    members: list[float] | None = None
+    """Ensembles: each member's normalized reward, in manifest order; null for a single
+    model."""
     truncated: bool
     """The input was longer than the model's max_length; its start was cut."""
     tokens: int
