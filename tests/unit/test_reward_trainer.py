@@ -157,6 +157,18 @@ def test_bucketed_batches_cover_every_item_once_and_cut_padding() -> None:
     assert bucketed_batches(lengths, 16, 8, rng2) != batches
 
 
+def test_cosine_and_constant_schedules_after_the_same_warm_up() -> None:
+    linear = linear_schedule(warmup_steps=4, total_steps=20)
+    cosine = linear_schedule(warmup_steps=4, total_steps=20, shape="cosine")
+    constant = linear_schedule(warmup_steps=4, total_steps=20, shape="constant")
+    assert [cosine(s) for s in range(4)] == [linear(s) for s in range(4)] == [0.25, 0.5, 0.75, 1]
+    assert cosine(4) == pytest.approx(1.0) and constant(4) == 1.0
+    assert cosine(12) == pytest.approx(0.5)  # half-way through the decay: half the peak
+    assert cosine(19) == pytest.approx(0.5 * (1 - math.cos(math.pi / 16)))  # > 0: still moves
+    assert cosine(8) > linear(8) and cosine(16) < linear(16)  # slower start, faster end
+    assert {constant(s) for s in range(4, 20)} == {1.0}
+
+
 def test_linear_schedule_warms_up_then_decays_without_a_zero_step() -> None:
     f = linear_schedule(warmup_steps=4, total_steps=20)
     factors = [f(s) for s in range(20)]

@@ -63,7 +63,9 @@ def objective_value(
         if reward is not None:
             return float(reward)
         if not members:
-            raise ValueError("an objective needs at least one member reward, or the reward")
+            raise ValueError(
+                "no members and no reward to fall back on: an objective needs one of them"
+            )
         return float(members[0])
     if name == "worst_case":
         return float(min(members))

@@ -8,7 +8,7 @@ held-out pairwise accuracy within that time budget.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Self
+from typing import Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -44,7 +44,10 @@ class RewardTrainingConfig(BaseModel):
     """Pairs per optimiser step (each step runs 2 x batch_size sequences)."""
 
     learning_rate: float = Field(1e-4, gt=0.0)
-    """Peak AdamW learning rate, reached after warm-up and decayed linearly to zero."""
+    """Peak AdamW learning rate, reached after warm-up and then decayed as lr_schedule says."""
+
+    lr_schedule: Literal["linear", "cosine", "constant"] = "linear"
+    """After warm-up: linear decay to zero, cosine decay to zero, or constant."""
 
     weight_decay: float = Field(0.01, ge=0.0)
     """AdamW weight decay (not applied to biases and LayerNorm weights)."""

@@ -161,8 +161,9 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     ]
 
 
-def linear_schedule(warmup_steps: int, total_steps: int) -> Any:
-    """LR factor for update `step` (0-based): linear warm-up to 1, then linear decay.
+def linear_schedule(warmup_steps: int, total_steps: int, shape: str = "linear") -> Any:
+    """LR factor for update `step` (0-based): linear warm-up to 1, then `shape`: linear decay,
+    cosine decay (half a cosine, as TRL's and HF's "cosine"), or constant.
 
     Never 0 on an update: the first warm-up step and the last decay step still move weights.
     """
@@ -170,7 +171,12 @@ def linear_schedule(warmup_steps: int, total_steps: int) -> Any:
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+        left = max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+        if shape == "constant":
+            return 1.0
+        if shape == "cosine":
+            return 0.5 * (1.0 - math.cos(math.pi * left))
+        return left
 
     return factor
 
@@ -321,7 +327,7 @@ def fit(
     warmup_steps = round(cfg.warmup_ratio * total_steps)
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.learning_rate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, linear_schedule(warmup_steps, total_steps)
+        optimizer, linear_schedule(warmup_steps, total_steps, cfg.lr_schedule)
     )
     fitted = Fitted(
         model, tokenizer, saved_max_length, pad_id, train_c, train_r, torch.empty(0),
