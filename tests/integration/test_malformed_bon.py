@@ -270,7 +270,14 @@ def test_rerank_is_the_same_on_both_transports(plain_http, bon_stub) -> None:
             }
         )
     )  # fmt: skip
-    assert got == {k: rest[k] for k in ("reward_model", "results")}
+    keys = ("index", "text", "reward", "normalized_reward")
+    assert got == {
+        "reward_model": rest["reward_model"],
+        "results": [{k: r[k] for k in keys} for r in rest["results"]],
+    }
+    # a single reward model: no ensemble spread, on either transport
+    assert all(r["uncertainty"] is None and r["members"] is None for r in rest["results"])
+    assert not any(r.HasField("uncertainty") or r.members for r in grpc_resp.results)
     assert len(rest["results"]) == 2
     assert rest["results"][0]["reward"] >= rest["results"][1]["reward"]
     # ranked by the same rewards /v1/score gives for prompt + candidate
