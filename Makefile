@@ -10,7 +10,7 @@ DEFAULT_RM := $(REWARDSERVE_CACHE_DIR)/minilm-hh-harmless
 DEFAULT_POLICY := $(REWARDSERVE_CACHE_DIR)/smollm2-135m-instruct
 ARCH := $(shell uname -m)
 
-.PHONY: setup models serve test lint bench loadtest fuzz proto clean-models rm-recipes
+.PHONY: setup models serve test lint bench overopt loadtest fuzz proto clean-models rm-recipes
 
 # The venv is stamped so `make` re-installs only when the project's requirements change.
 $(VENV)/.installed: pyproject.toml setup.py
@@ -77,6 +77,14 @@ bench: models proto
 	$(PY) benchmarks/bench_ppo.py $(BENCH_PPO_ARGS)
 	$(PY) benchmarks/bench_ppo.py --service $(BENCH_PPO_ARGS)
 	$(PY) benchmarks/bench_jobs.py
+
+# Reward overoptimization (Gao et al. 2022): PPO with the fixed, adaptive and uncertainty KL
+# controllers against a proxy RM ensemble, judged by a gold RM trained on other conversations.
+# Not part of `bench`: about 2 hours on 2 cores (trained RMs are cached in its output folder).
+# OVEROPT_ARGS passes flags (benchmarks/overoptimization.py --help); results: bench-results/overopt/.
+OVEROPT_ARGS ?=
+overopt: models proto
+	$(PY) benchmarks/overoptimization.py $(OVEROPT_ARGS)
 
 # Both start their own service on free ports (the default models) and stop it; results go
 # under bench-results/. LOADTEST_ARGS / FUZZ_ARGS pass flags (--help lists them).

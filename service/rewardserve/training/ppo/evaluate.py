@@ -22,6 +22,26 @@ def mean_and_stderr(values: Sequence[float]) -> dict[str, float]:
     return {"mean": mean, "stderr": math.sqrt(var / n), "n": n}
 
 
+@torch.no_grad()
+def sequence_kl(
+    lm: torch.nn.Module,
+    reference_lm: torch.nn.Module,
+    queries: Sequence[list[int]],
+    responses: Sequence[list[int]],
+    *,
+    pad_id: int,
+    device: torch.device,
+    temperature: float,
+    chunk: int,
+) -> list[float]:
+    """Each response's summed per-token log p - log p_ref (k1): for responses sampled from
+    `lm`, their mean estimates KL(lm || reference) per sequence, without bias."""
+    batch = make_batch(list(queries), list(responses), pad_id, device)
+    logp = sequence_logprobs(lm, batch, temperature, chunk)
+    ref = sequence_logprobs(reference_lm, batch, temperature, chunk)
+    return ((logp - ref) * batch.mask).sum(1).tolist()  # type: ignore[no-any-return]
+
+
 def evaluate(
     *,
     prompts: Sequence[PromptInput],
@@ -52,11 +72,11 @@ def evaluate(
         out[label] = {"reward": mean_and_stderr(rewards[label])}
         out[label]["response_length"] = sum(map(len, responses)) / len(responses)
         if label == "trained":
-            batch = make_batch(list(queries), responses, pad_id, device)
-            logp = sequence_logprobs(trained_lm, batch, temperature, chunk)
-            ref = sequence_logprobs(reference_lm, batch, temperature, chunk)
-            kl = ((logp - ref) * batch.mask).sum(1)
-            out["kl_to_reference"] = mean_and_stderr(kl.tolist())
+            kl = sequence_kl(
+                trained_lm, reference_lm, queries, responses,
+                pad_id=pad_id, device=device, temperature=temperature, chunk=chunk,
+            )  # fmt: skip
+            out["kl_to_reference"] = mean_and_stderr(kl)
     # Both policies answered the same prompts: the paired difference has a much smaller
     # standard error than the two means' separate ones.
     diff = [a - b for a, b in zip(rewards["trained"], rewards["initial"], strict=True)]

@@ -21,7 +21,7 @@ from rewardserve.config import Settings
 from rewardserve.engine.composite import CompositeReward
 from rewardserve.engine.scoring import ScoringEngine
 from rewardserve.schemas.bon import PromptInput
-from rewardserve.schemas.scoring import ScoreRequest
+from rewardserve.schemas.scoring import ScoreRequest, ScoreResult
 
 T = TypeVar("T")
 
@@ -150,15 +150,22 @@ class InProcessReward:
         path /v1/score takes, which is where members and uncertainty are made."""
         if not self.ensemble:
             return RewardBatch(self.score(prompts, responses))
+        return batch_of_results(self.score_results(prompts, responses))
+
+    def score_results(
+        self, prompts: Sequence[PromptInput], responses: Sequence[str]
+    ) -> list[ScoreResult]:
+        """The ScoreResults /v1/score gives for these items (reward, normalized_reward and an
+        ensemble's members and uncertainty), through the engine's `score`."""
         items = [reward_item(p, r) for p, r in zip(prompts, responses, strict=True)]
-        results: list[Any] = []
+        results: list[ScoreResult] = []
         for start in range(0, len(items), self._chunk):
             # built unvalidated, as reward_item's items: an empty response is a legal answer
             req = ScoreRequest.model_construct(
                 model=self.model, items=items[start : start + self._chunk]
             )
             results.extend(self._run(self.engine.score(req, timeout_s=3600.0)).results)
-        return batch_of_results(results)
+        return results
 
     def _score_composite(
         self, composite: CompositeReward, prompts: Sequence[PromptInput], responses: Sequence[str]
