@@ -162,7 +162,9 @@ class ModelRepository:
             present = resolve_source(e.manifest, e.folder, self.cache_dir).is_dir()
         except ManifestError as err:
             return str(err)
-        return None if present else "its weights are not built (run `make models`)"
+        if present:
+            return None
+        return "its weights are not built (`make models`, or the make target its model.yaml names)"
 
     def composite_problem(self, spec: CompositeSpec) -> str | None:
         """Why the model parts of `spec` cannot be served from this repository, or None.
