@@ -147,6 +147,22 @@ def test_models_show_the_latest_evaluation_on_both_transports(
     assert rest_models(http)["idle-rm"]["evaluation"] is None
 
 
+def test_a_held_out_split_job_scores_only_what_training_held_out(
+    http: httpx.Client, server: RewardServer
+) -> None:
+    from rewardserve.training.reward.data import load_pairs, split_pairs
+
+    body = eval_body(held_out_fraction=0.25, split_seed=1, batch_items=4)
+    r = http.post("/v1/jobs", json=body)
+    assert r.status_code == 201, r.text
+    job = wait_terminal(http, r.json()["id"])
+    assert job["status"] == "succeeded", job
+    _, held = split_pairs(load_pairs(Path(job["config"]["data"])), 0.25, 1)
+    e = Evaluation.model_validate(job["result"]["evaluation"])
+    assert e.pairs == len(held) and job["total_steps"] == -(-len(held) // 2)
+    assert e.dataset.split is not None and "--eval-fraction 0.25 --seed 1" in e.dataset.split
+
+
 def eval_body(**config: Any) -> dict[str, Any]:
     base = {"model": "tiny-rm", "data": "pairs.jsonl"}
     return {"type": "reward_eval", "config": {k: v for k, v in (base | config).items() if v}}
@@ -163,6 +179,7 @@ REFUSED = [
     ("unknown field", eval_body(temperature=1.0), 422, "config.temperature"),
     ("max_pairs 0", eval_body(max_pairs=-1), 422, "config.max_pairs"),
     ("prompts", {**eval_body(), "prompts": ["hi"]}, 422, "prompts"),
+    ("held-out fraction 1", eval_body(held_out_fraction=1.0), 422, "config.held_out_fraction"),
 ]
 
 

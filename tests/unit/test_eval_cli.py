@@ -98,3 +98,24 @@ def test_bad_data_file_is_a_pair_data_error(
     code, _, err = run(repo, tmp_path, "--model", "tiny-rm", "--data", str(path))
     assert code == 2
     assert err.startswith("rewardserve eval-rm: --data: ") and str(path) in err
+
+
+def test_held_out_fraction_scores_exactly_what_train_rm_held_out(
+    repo: Path, tmp_path: Path
+) -> None:
+    from rewardserve.training.reward.data import load_pairs, split_pairs
+
+    data = write_pairs(tmp_path / "pairs.jsonl", 20)
+    code, _, err = run(repo, tmp_path, "--model", "tiny-rm", "--data", str(data),
+                       "--held-out-fraction", "0.25", "--split-seed", "3", "--output",
+                       str(tmp_path / "out"))  # fmt: skip
+    assert code == 0, err
+    report = Evaluation.model_validate_json((tmp_path / "out" / "evaluation.json").read_text())
+    _, held = split_pairs(load_pairs(data), 0.25, 3)  # what train-rm --eval-fraction 0.25 kept
+    assert report.pairs == len(held) == 5
+    assert report.dataset.split is not None and "--eval-fraction 0.25 --seed 3" in (
+        report.dataset.split
+    )
+    code, _, err = run(repo, tmp_path, "--model", "tiny-rm", "--data", str(data),
+                       "--held-out-fraction", "1.5")  # fmt: skip
+    assert code == 2 and "held" in err.replace("_", "-").lower()

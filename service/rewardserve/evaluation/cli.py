@@ -20,7 +20,7 @@ from rich.table import Table
 from rewardserve.config import Settings
 from rewardserve.evaluation.config import EvalConfig
 from rewardserve.evaluation.local import engine_scorer
-from rewardserve.evaluation.run import batch_count, evaluate, read_pairs
+from rewardserve.evaluation.run import HeldOut, batch_count, evaluate, read_pairs
 from rewardserve.evaluation.store import EvaluationStore, write_report
 from rewardserve.schemas.errors import ServiceError
 from rewardserve.schemas.evaluation import Accuracy, Evaluation
@@ -64,8 +64,11 @@ def table(e: Evaluation) -> Table:
 
 def run_eval_rm(cfg: EvalConfig) -> int:
     """The command's work; its exit code (2: a bad --model or --data, said on stderr)."""
+    held_out = None
+    if cfg.held_out_fraction is not None:
+        held_out = HeldOut(cfg.held_out_fraction, cfg.split_seed)
     try:  # the data before any model loads
-        pairs = read_pairs(cfg.data, cfg.max_pairs)
+        pairs = read_pairs(cfg.data, cfg.max_pairs, held_out)
     except PairDataError as e:
         return _fail(f"--data: {e}")
     settings = Settings(
@@ -94,7 +97,7 @@ def run_eval_rm(cfg: EvalConfig) -> int:
             with progress:
                 return await evaluate(
                     name, cfg.data, score, batch_items=cfg.batch_items, on_batch=on_batch,
-                    pairs=pairs,
+                    pairs=pairs, held_out=held_out,
                 )  # fmt: skip
 
     try:

@@ -27,6 +27,13 @@ class EvalConfig(BaseModel):
     max_pairs: int | None = Field(None, ge=1)
     """Evaluate only the file's first N pairs."""
 
+    held_out_fraction: float | None = Field(None, gt=0.0, lt=1.0)
+    """Evaluate only the pairs `train-rm --eval-fraction <this> --seed <split-seed>` held
+    out of training (whole conversations), so a model is measured on pairs it never saw."""
+
+    split_seed: int = 0
+    """The seed of that split (train-rm's --seed)."""
+
     batch_items: int = Field(DEFAULT_BATCH_ITEMS, ge=2)
     """Conversations per score request (whole pairs: chosen and rejected together)."""
 

@@ -7,13 +7,14 @@ import hashlib
 import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from rewardserve.evaluation.report import ScoredPair, build_evaluation
 from rewardserve.schemas.evaluation import Dataset, Evaluation
-from rewardserve.training.reward.data import PreferencePair, load_pairs
+from rewardserve.training.reward.data import PreferencePair, load_pairs, split_pairs
 
 DEFAULT_BATCH_ITEMS = 32
 ScoreFn = Callable[[list[str]], Awaitable[Sequence[Any]]]
@@ -67,11 +68,31 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_pairs(path: Path, max_pairs: int | None) -> list[PreferencePair]:
-    """The file's pairs, its first `max_pairs` when capped (file order: the same file and
-    cap always give the same pairs). Raises PairDataError for a file that cannot be used."""
+def read_pairs(
+    path: Path, max_pairs: int | None, held_out: HeldOut | None = None
+) -> list[PreferencePair]:
+    """The file's pairs, or only the grouped held-out split `held_out` names, its first
+    `max_pairs` when capped (file order: the same file and cap always give the same pairs).
+    Raises PairDataError for a file that cannot be used."""
     pairs = load_pairs(path)
+    if held_out is not None:
+        _, pairs = split_pairs(pairs, held_out.fraction, held_out.seed)
     return pairs[:max_pairs] if max_pairs is not None else pairs
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """The pairs `train-rm --eval-fraction <fraction> --seed <seed>` held out of training
+    (whole conversations: rewardserve.training.reward.data.split_pairs)."""
+
+    fraction: float
+    seed: int
+
+    def describe(self) -> str:
+        return (
+            f"grouped held-out split {self.fraction:g} of seed {self.seed} "
+            f"(train-rm --eval-fraction {self.fraction:g} --seed {self.seed})"
+        )
 
 
 async def evaluate(
@@ -83,14 +104,20 @@ async def evaluate(
     batch_items: int = DEFAULT_BATCH_ITEMS,
     on_batch: OnBatch | None = None,
     pairs: Sequence[PreferencePair] | None = None,
+    held_out: HeldOut | None = None,
 ) -> Evaluation:
     """Score the file's pairs with `score` (the model `model`) and measure them. `pairs`:
     the file's pairs when the caller already read them (read_pairs)."""
     start = time.perf_counter()
     path = Path(path)
-    dataset = Dataset(name=path.name, path=str(path.resolve()), sha256=file_sha256(path))
+    dataset = Dataset(
+        name=path.name,
+        path=str(path.resolve()),
+        sha256=file_sha256(path),
+        split=None if held_out is None else held_out.describe(),
+    )
     if pairs is None:
-        pairs = read_pairs(path, max_pairs)
+        pairs = read_pairs(path, max_pairs, held_out)
     scored = await score_pairs(pairs, score, batch_items, on_batch)
     return build_evaluation(
         model, dataset, pairs, scored,

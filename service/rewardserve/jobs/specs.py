@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from rewardserve.bon.offline import InputError, read_prompts
 from rewardserve.config import Settings
-from rewardserve.evaluation.run import DEFAULT_BATCH_ITEMS, batch_count, read_pairs
+from rewardserve.evaluation.run import DEFAULT_BATCH_ITEMS, HeldOut, batch_count, read_pairs
 from rewardserve.registry.manifest import NAME_PATTERN, ManifestError, resolve_source
 from rewardserve.registry.repository import ModelRepository
 from rewardserve.schemas.errors import (
@@ -398,8 +398,20 @@ class EvalJobConfig(BaseModel):
     max_pairs: int | None = Field(None, ge=1)
     """Evaluate only the file's first N pairs."""
 
+    held_out_fraction: float | None = Field(None, gt=0.0, lt=1.0)
+    """Evaluate only the pairs `train-rm --eval-fraction <this> --seed <split_seed>` (or a
+    reward job with that eval_fraction and seed) held out of training."""
+
+    split_seed: int = 0
+    """The seed of that split."""
+
     batch_items: int = Field(DEFAULT_BATCH_ITEMS, ge=2, le=512)
     """Conversations per Score request (whole pairs); a step of the job is one request."""
+
+    def held_out(self) -> HeldOut | None:
+        if self.held_out_fraction is None:
+            return None
+        return HeldOut(self.held_out_fraction, self.split_seed)
 
 
 def _loaded_model(runtime: Any, name: str | None, field: str) -> str:
@@ -423,7 +435,7 @@ def _validate_eval(req: JobCreate, settings: Settings, runtime: Any) -> Validate
     model = _loaded_model(runtime, cfg.model, "config.model")
     path = data_file(settings, cfg.data, "config.data")
     try:
-        pairs = read_pairs(path, cfg.max_pairs)
+        pairs = read_pairs(path, cfg.max_pairs, cfg.held_out())
     except (PairDataError, UnicodeDecodeError) as e:
         raise Unprocessable(f"config.data: {e}", field="config.data") from None
     if len(pairs) > settings.job_max_prompts:

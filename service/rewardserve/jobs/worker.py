@@ -184,7 +184,7 @@ def run_eval_job(
     import asyncio
 
     from rewardserve.client import AsyncRewardClient
-    from rewardserve.evaluation.run import evaluate
+    from rewardserve.evaluation.run import HeldOut, evaluate
 
     c = job["config"]
 
@@ -197,9 +197,11 @@ def run_eval_job(
             async def score(texts: list[str]) -> Any:
                 return (await client.score(texts, c["model"])).results
 
+            fraction = c.get("held_out_fraction")  # absent from jobs stored before it existed
+            held_out = None if fraction is None else HeldOut(fraction, c.get("split_seed", 0))
             e = await evaluate(
                 c["model"], Path(c["data"]), score, max_pairs=c["max_pairs"],
-                batch_items=c["batch_items"], on_batch=on_batch,
+                batch_items=c["batch_items"], on_batch=on_batch, held_out=held_out,
             )  # fmt: skip
         return {"model": e.model, "evaluation": e.model_dump(mode="json")}
 

@@ -77,6 +77,9 @@ class Dataset(BaseModel):
     path: str
     sha256: str
     """Of the file as read."""
+    split: str | None = None
+    """Which of the file's pairs were scored when not all: e.g. the grouped held-out split
+    that `train-rm --eval-fraction F --seed S` kept out of training."""
 
 
 class Evaluation(BaseModel):
