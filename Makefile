@@ -84,6 +84,7 @@ bench: models proto
 	$(PY) benchmarks/bench_scoring.py
 	$(PY) benchmarks/bench_bon.py
 	$(PY) benchmarks/bench_ensemble.py
+	$(PY) benchmarks/bench_reward_models.py
 	$(PY) benchmarks/bench_ppo.py $(BENCH_PPO_ARGS)
 	$(PY) benchmarks/bench_ppo.py --service $(BENCH_PPO_ARGS)
 	$(PY) benchmarks/bench_jobs.py
