@@ -56,9 +56,13 @@ async def bench(args: argparse.Namespace) -> dict:
         for _ in range(args.repeats):
             for model in loaded:
                 runs[model].append(await load_run(engine, model, texts, args.concurrency))
-        params = {
-            m: sum(p.numel() for p in engine.resolve(m).scorer.model.parameters()) for m in loaded
-        }
+        params = {  # an ensemble's: every member's
+            m: sum(
+                p.numel() for member in engine.resolve(m).members
+                for p in member.scorer.model.parameters()
+            )
+            for m in loaded
+        }  # fmt: skip
     finally:
         await engine.close()
     rows = {
