@@ -117,7 +117,9 @@ def rm_recipes(
     ),
     torch_threads: int | None = typer.Option(None, min=1, help="CPU threads for torch."),
     output: Path = typer.Option(
-        Path("rm-recipes"), help="Folder for recipes_report.json and recipes_report.md."
+        Path("rm-recipes"),
+        help="Folder for recipes_report.json and recipes_report.md; each recipe's CV is kept "
+        "in its cv/ as it finishes, and a rerun of the same search reuses it.",
     ),
 ) -> None:
     """Choose a reward-model recipe by grouped cross-validation, then report its accuracy on
@@ -144,7 +146,7 @@ def rm_recipes(
     try:
         report = search_recipes(
             data, chosen, folds=folds, test_fraction=test_fraction, seed=seed,
-            max_pairs=max_pairs, torch_threads_n=torch_threads,
+            max_pairs=max_pairs, torch_threads_n=torch_threads, done_dir=output / "cv",
         )  # fmt: skip
     except PairDataError as e:
         typer.echo(f"rewardserve rm-recipes: {e}", err=True)

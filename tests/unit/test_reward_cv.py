@@ -318,6 +318,37 @@ def test_recipe_search_tests_the_chosen_recipe_on_pairs_it_never_saw(
     assert "| slow" in md and "| fast" in md and f"Chosen: **{report['chosen']}**" in md
 
 
+def test_a_stopped_search_resumes_from_the_recipes_it_finished(
+    backbone: Path, data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import rewardserve.training.reward.recipes as recipes_module
+
+    base = {"base_model": backbone, "data": data, "output": tmp_path / "unused",
+            "max_length": 48, "batch_size": 8, "torch_threads": 1,
+            "eval_each_epoch": False}  # fmt: skip
+    body = {"a": {"learning_rate": 1e-3}, "b": {"learning_rate": 3e-3}}
+    recipes = load_recipes(_recipes(tmp_path, body), base)
+    ran: list[str] = []
+    real = recipes_module.cross_validate
+
+    def counted(cfg: Any, *args: Any, label: str = "", **kw: Any) -> Any:  # spy, the real CV
+        ran.append(label)
+        return real(cfg, *args, label=label, **kw)
+
+    monkeypatch.setattr(recipes_module, "cross_validate", counted)
+    done = tmp_path / "cv"
+    args = {"folds": 2, "test_fraction": 0.25, "seed": 1, "max_pairs": 40, "progress": False}
+    first = search_recipes(data, recipes, done_dir=done, **args)
+    assert ran == ["a", "b"] and sorted(p.name for p in done.iterdir()) == ["a.json", "b.json"]
+    (done / "b.json").write_text('{"key": "trunc')  # killed while writing b: b runs again
+    again = search_recipes(data, recipes, done_dir=done, **args)
+    assert ran == ["a", "b", "b"]
+    assert again["recipes"] == first["recipes"]  # a's kept CV, b's rerun, same as before
+    changed = load_recipes(_recipes(tmp_path, {"a": {"learning_rate": 2e-3}}), base)
+    search_recipes(data, changed, done_dir=done, **args)  # another recipe under a's name
+    assert ran == ["a", "b", "b", "a"]
+
+
 @pytest.mark.parametrize(
     ("body", "message"),
     [

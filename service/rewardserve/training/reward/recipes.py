@@ -9,6 +9,7 @@ the honest one; the CV scores only rank recipes (the best of many is optimistica
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -95,11 +96,14 @@ def search_recipes(
     max_pairs: int | None = None,
     torch_threads_n: int | None = None,
     progress: bool = True,
+    done_dir: Path | None = None,
 ) -> dict[str, Any]:
     """The search (see the module's doc); returns the report (render_markdown shows it).
 
     The report lists the test pairs' and the development pairs' indices into the file, so
-    anyone can check that no test pair was used to choose the recipe.
+    anyone can check that no test pair was used to choose the recipe. With `done_dir`, each
+    recipe's cross-validation is kept there as it finishes and reused by a later search of the
+    same file, split and recipe, so a stopped search resumes where it was.
     """
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
@@ -114,9 +118,14 @@ def search_recipes(
     with torch_threads(torch_threads_n), make_progress(progress) as bar:
         task = bar.add_task("recipes", total=len(recipes), stats="")
         for name, cfg in recipes.items():
-            cv = cross_validate(cfg, pairs, dev, groups, folds, bar, fold_seed=seed, label=name)
             fields = cfg.model_dump(mode="json", exclude_unset=True)
             fields = {k: v for k, v in fields.items() if k not in SEARCH_FIELDS}
+            key = _cv_key(cfg, data, len(pairs), dev, folds, seed)
+            cv = _kept(done_dir, name, key)
+            if cv is None:
+                cv = cross_validate(cfg, pairs, dev, groups, folds, bar, fold_seed=seed,
+                                    label=name)  # fmt: skip
+                _keep(done_dir, name, key, cv)
             rows.append({"name": name, "recipe": fields, "cv": cv})
             bar.update(task, advance=1, stats=f"{name} {cv['accuracy']:.3f}")
         bar.remove_task(task)
@@ -144,6 +153,38 @@ def search_recipes(
         "test_pairs": sorted(test),
         "seconds": time.perf_counter() - started,
     }
+
+
+def _cv_key(
+    cfg: RewardTrainingConfig, data: Path, n_pairs: int, dev: list[int], folds: int, seed: int
+) -> str:
+    """What a kept cross-validation must match to be reused: the whole recipe (defaults
+    filled in), the file's bytes, the development pairs, the folds and their seed."""
+    recipe = cfg.model_dump(mode="json", exclude={"output", "torch_threads"})
+    digest = hashlib.sha256(Path(data).read_bytes()).hexdigest()
+    body = {"recipe": recipe, "data": digest, "pairs": n_pairs, "dev": sorted(dev),
+            "folds": folds, "seed": seed}  # fmt: skip
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _kept(done_dir: Path | None, name: str, key: str) -> dict[str, Any] | None:
+    path = None if done_dir is None else done_dir / f"{name}.json"
+    if path is None or not path.is_file():
+        return None
+    try:
+        kept = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # a file cut short by a kill: run the recipe again
+    return kept["cv"] if isinstance(kept, dict) and kept.get("key") == key else None
+
+
+def _keep(done_dir: Path | None, name: str, key: str, cv: dict[str, Any]) -> None:
+    if done_dir is None:
+        return
+    done_dir.mkdir(parents=True, exist_ok=True)
+    tmp = done_dir / f".{name}.json.tmp"
+    tmp.write_text(json.dumps({"key": key, "cv": cv}) + "\n")
+    tmp.replace(done_dir / f"{name}.json")  # whole or not at all
 
 
 def _interval(summary: dict[str, Any]) -> str:
