@@ -405,18 +405,27 @@ class BestOfN:
         item = PromptInput.model_construct(
             prompt=req.prompt, messages=req.messages, label=req.label
         )
-        if isinstance(model, CompositeReward):
-            return await self._rerank_composite(req, model, item, deadline)
-        texts = [self.scoring.render(model, reward_item(item, c)) for c in req.candidates]
-        model, encoded, scores = await within(
-            deadline,
-            self.scoring.score_items(model.name, texts, field_of="candidates", deadline=deadline),
-        )
+        if isinstance(model, CompositeReward):  # its totals rank the candidates (no members)
+            items = [reward_item(item, c) for c in req.candidates]
+            results = await within(
+                deadline,
+                model.evaluate(self.scoring, items, deadline=deadline, field_of="candidates"),
+            )
+            scores = [ItemScore(r.reward, r.normalized_reward) for r in results]
+            tokens = sum(r.tokens for r in results)
+        else:
+            texts = [self.scoring.render(model, reward_item(item, c)) for c in req.candidates]
+            model, encoded, scores = await within(
+                deadline,
+                self.scoring.score_items(
+                    model.name, texts, field_of="candidates", deadline=deadline
+                ),
+            )
+            tokens = sum(len(e) for e in encoded)
         value = [ranking_value(s, req.objective, req.uncertainty_lambda) for s in scores]
         ranked = sorted(range(len(scores)), key=lambda i: (-value[i], i))
         if req.top_k is not None:
             ranked = ranked[: req.top_k]
-        tokens = sum(len(e) for e in encoded)
         return RerankResponse(
             reward_model=model.name,
             results=[
@@ -427,33 +436,6 @@ class BestOfN:
                     normalized_reward=scores[i].normalized_reward,
                     uncertainty=scores[i].uncertainty,
                     members=scores[i].members,
-                )
-                for i in ranked
-            ],
-            usage=BonUsage(prompt_tokens=tokens, generated_tokens=0, total_tokens=tokens),
-        )
-
-    async def _rerank_composite(
-        self, req: RerankRequest, model: CompositeReward, item: PromptInput, deadline: float
-    ) -> RerankResponse:
-        """rerank with a composite reward: its totals rank the candidates."""
-        items = [reward_item(item, c) for c in req.candidates]
-        scored = await within(
-            deadline,
-            model.evaluate(self.scoring, items, deadline=deadline, field_of="candidates"),
-        )
-        ranked = sorted(range(len(scored)), key=lambda i: (-scored[i].reward, i))
-        if req.top_k is not None:
-            ranked = ranked[: req.top_k]
-        tokens = sum(r.tokens for r in scored)
-        return RerankResponse(
-            reward_model=model.name,
-            results=[
-                RankedCandidate(
-                    index=i,
-                    text=req.candidates[i],
-                    reward=scored[i].reward,
-                    normalized_reward=scored[i].normalized_reward,
                 )
                 for i in ranked
             ],
