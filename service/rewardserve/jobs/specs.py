@@ -31,7 +31,12 @@ from rewardserve.schemas.errors import (
     field_path,
 )
 from rewardserve.schemas.jobs import JobCreate
-from rewardserve.training.ppo.config import ConfigError, PPOConfig, validate_config
+from rewardserve.training.ppo.config import (
+    ConfigError,
+    PPOConfig,
+    needs_uncertainty,
+    validate_config,
+)
 from rewardserve.training.reward.config import RewardTrainingConfig
 from rewardserve.training.reward.data import PairDataError, PreferencePair, load_pairs, split_pairs
 from rewardserve.training.reward.trainer import optimiser_steps
@@ -132,13 +137,7 @@ def _check_ensemble(cfg: PPOConfig, runtime: Any) -> None:
     """A setting that needs an ensemble's uncertainty, with a loaded reward model that is none
     (no `ensemble` section in its manifest, read defensively): refused now, not after the
     job's first rollout. Ensemble objectives are allowed: with one model they are its reward."""
-    field = (
-        "kl_controller"
-        if cfg.kl_controller == "uncertainty"
-        else "uncertainty_penalty"
-        if cfg.uncertainty_penalty > 0
-        else None
-    )
+    field = needs_uncertainty(cfg)
     if field is None:
         return
     scoring = runtime.scoring

@@ -464,3 +464,12 @@ def load_config(
     if not isinstance(raw, dict):
         raise ConfigError("(root)", f"{path} must hold a mapping of fields")
     return validate_config(raw | (overrides or {}), remote_reward=remote_reward)
+
+
+def needs_uncertainty(config: PPOConfig) -> str | None:
+    """The field that needs an ensemble's uncertainty (None: none does)."""
+    if config.kl_controller == "uncertainty":
+        return "kl_controller"
+    if config.uncertainty_penalty > 0:
+        return "uncertainty_penalty"
+    return None

@@ -30,7 +30,7 @@ from rewardserve.training.ppo.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from rewardserve.training.ppo.config import ConfigError, PPOConfig
+from rewardserve.training.ppo.config import ConfigError, PPOConfig, needs_uncertainty
 from rewardserve.training.ppo.data import PromptOrder
 from rewardserve.training.ppo.metrics import MetricsLog
 from rewardserve.training.ppo.model import (
@@ -79,15 +79,6 @@ def changed_fields(saved: dict[str, Any], config: PPOConfig) -> list[str]:
     return sorted(
         k for k in now if k not in RESUMABLE_CHANGES and saved.get(k, defaults.get(k)) != now[k]
     )
-
-
-def needs_uncertainty(config: PPOConfig) -> str | None:
-    """The field that needs an ensemble's uncertainty (None: none does)."""
-    if config.kl_controller == "uncertainty":
-        return "kl_controller"
-    if config.uncertainty_penalty > 0:
-        return "uncertainty_penalty"
-    return None
 
 
 def no_ensemble_error(field: str, model: str) -> ConfigError:
