@@ -9,7 +9,6 @@ wraps them, so the trainer asks every source the same way.
 from __future__ import annotations
 
 import asyncio
-import math
 import threading
 import time
 from collections.abc import Coroutine, Sequence
@@ -20,6 +19,7 @@ from rewardserve.bon.service import reward_item
 from rewardserve.config import Settings
 from rewardserve.engine.composite import CompositeReward
 from rewardserve.engine.scoring import ScoringEngine
+from rewardserve.rewards import objectives
 from rewardserve.schemas.bon import PromptInput
 from rewardserve.schemas.scoring import ScoreRequest, ScoreResult
 
@@ -42,11 +42,6 @@ class RewardBatch:
         return self.uncertainty is not None
 
 
-def _std(members: Sequence[float]) -> float:
-    mean = sum(members) / len(members)
-    return math.sqrt(sum((m - mean) ** 2 for m in members) / len(members))
-
-
 def batch_of_results(results: Sequence[Any]) -> RewardBatch:
     """RewardBatch of ScoreResult-shaped objects (REST, gRPC or in-process). `uncertainty` and
     `members` are read with getattr: a service (or engine) that predates them gives a
@@ -59,7 +54,7 @@ def batch_of_results(results: Sequence[Any]) -> RewardBatch:
         m = [float(x) for x in m] if m else None
         u = getattr(r, "uncertainty", None)
         if u is None and m is not None and len(m) > 1:
-            u = _std(m)
+            u = objectives.std(m)  # the population std the service reports
         members.append(m)
         sigma.append(None if u is None else float(u))
     if all(u is None for u in sigma):
