@@ -24,6 +24,7 @@ from rewardserve.training.reward.cv import train_cross_validated
 from rewardserve.training.reward.data import (
     PairDataError,
     PreferencePair,
+    bootstrap_indices,
     capped_indices,
     group_key,
     grouped_folds,
@@ -167,6 +168,23 @@ def test_folds_partition_by_group_and_repeat_with_the_seed() -> None:
         grouped_folds([0, 0, 1, 2, 3, 4], list(range(6)), 6, seed=0)
 
 
+def test_bootstrap_draws_whole_groups_of_the_given_pairs_only() -> None:
+    pairs = synthetic_pairs(60, seed=3)
+    groups = pair_groups(pairs)
+    train, _ = grouped_split(groups, list(range(len(pairs))), 0.25, 0)
+    sample = bootstrap_indices(groups, train, seed=5)
+    assert set(sample) <= set(train)  # never a held-out pair
+    drawn = [groups[i] for i in sample]
+    for g in set(drawn):  # a drawn group brings every pair it has, as often as it was drawn
+        size = sum(1 for i in train if groups[i] == g)
+        assert drawn.count(g) % size == 0
+    n_groups = len({groups[i] for i in train})
+    assert 0.4 * n_groups < len(set(drawn)) < 0.85 * n_groups  # about 63 % appear
+    assert len(set(sample)) < len(sample)  # with replacement
+    assert bootstrap_indices(groups, train, seed=5) == sample
+    assert bootstrap_indices(groups, train, seed=6) != sample
+
+
 # -- intervals --------------------------------------------------------------------------------
 
 
@@ -278,6 +296,8 @@ def test_cv_and_ensemble_do_not_combine(tmp_path: Path) -> None:
     with pytest.raises(ValidationError, match="cv_folds and ensemble"):
         RewardTrainingConfig(base_model=tmp_path, data=tmp_path, output=tmp_path, cv_folds=3,
                              ensemble=2)  # fmt: skip
+    with pytest.raises(ValidationError, match=r"bootstrap .* needs ensemble >= 2"):
+        RewardTrainingConfig(base_model=tmp_path, data=tmp_path, output=tmp_path, bootstrap=True)
     with pytest.raises(ValueError, match="run_reward_training"):
         train_reward_model(config(tmp_path, tmp_path, tmp_path, ensemble=2), progress=False)
 
@@ -425,6 +445,21 @@ def test_ensemble_layout_loads_and_members_differ(
     )
     assert report["eval_accuracy"] == ev["accuracy"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ens"]
+
+
+def test_bootstrap_members_train_on_their_own_resamples(
+    backbone: Path, data: Path, tmp_path: Path
+) -> None:
+    cfg = config(backbone, data, tmp_path / "bag", ensemble=2, bootstrap=True, max_pairs=48,
+                 epochs=1)  # fmt: skip
+    report = train_ensemble(cfg, progress=False)
+    pairs = load_pairs(data)
+    train, held = split_indices(pairs, 0.25, 0, 48)
+    for m, member in enumerate(report["members"]):
+        drawn = bootstrap_indices(pair_groups(pairs), train, cfg.seed + m)
+        assert member["train_pairs"] == len(drawn)
+        assert member["distinct_train_pairs"] == len(set(drawn)) < len(train)
+    assert report["eval_pairs"] == len(held)  # the held-out split is the members' common one
 
 
 def test_train_rm_cli_cv_flag(backbone: Path, data: Path, tmp_path: Path) -> None:

@@ -116,9 +116,17 @@ class RewardTrainingConfig(BaseModel):
     """Train this many members with different seeds (head initialisation and batch order;
     the same split), written as <output>/members/0..K-1 with <output>/ensemble.json."""
 
+    bootstrap: bool = False
+    """With ensemble > 1: each member trains on its own bootstrap resample of the training
+    conversations (drawn with replacement by conversation, seeded by the member's seed), as
+    in bagging, so members also differ in what they saw, not only in their seed."""
+
     @model_validator(mode="after")
     def _one_mode(self) -> Self:
         if self.cv_folds is not None and self.ensemble > 1:
             raise ValueError("cv_folds and ensemble > 1 cannot be combined: cross-validate "
                              "single models, then train the ensemble")  # fmt: skip
+        if self.bootstrap and self.ensemble < 2:
+            raise ValueError("bootstrap resamples the data of ensemble members: it needs "
+                             "ensemble >= 2")  # fmt: skip
         return self

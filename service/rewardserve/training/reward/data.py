@@ -180,6 +180,16 @@ def grouped_folds(
     return folds
 
 
+def bootstrap_indices(groups: Sequence[Hashable], indices: Sequence[int], seed: int) -> list[int]:
+    """A bootstrap resample of `indices` by group: as many groups as there are, drawn with
+    replacement (seeded), each bringing all its pairs. About 63 % of the groups appear, some
+    more than once; a drawn group's pairs stay together, as in every split here."""
+    members = _members(groups, indices)
+    keys = list(members)
+    rng = random.Random(seed)
+    return [i for _ in keys for i in members[keys[rng.randrange(len(keys))]]]
+
+
 def split_indices(
     pairs: Sequence[PreferencePair],
     eval_fraction: float,

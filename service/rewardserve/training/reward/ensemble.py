@@ -1,5 +1,6 @@
-"""`train-rm --ensemble K`: K reward models that differ only in their seed (head
-initialisation and batch order) on one split, in the layout the model repository serves.
+"""`train-rm --ensemble K`: K reward models that differ in their seed (head initialisation
+and batch order) on one split, and with `--bootstrap` in their data too (each a bootstrap
+resample of the training conversations), in the layout the model repository serves.
 
 <output>/members/<i>/ is each a normal model folder (mean/std in its config.json),
 <output>/ensemble.json lists them, and <output>/ensemble.model.yaml is the section a
@@ -17,7 +18,12 @@ import torch
 import yaml
 
 from rewardserve.training.reward.config import RewardTrainingConfig
-from rewardserve.training.reward.data import load_pairs, pair_groups, split_indices
+from rewardserve.training.reward.data import (
+    bootstrap_indices,
+    load_pairs,
+    pair_groups,
+    split_indices,
+)
 from rewardserve.training.reward.stats import accuracy_summary
 from rewardserve.training.reward.trainer import (
     check_output,
@@ -81,6 +87,7 @@ def train_ensemble(cfg: RewardTrainingConfig, progress: bool = True) -> dict[str
     check_output(output)
     pairs = load_pairs(cfg.data)
     train_idx, held_idx = split_indices(pairs, cfg.eval_fraction, cfg.seed, cfg.max_pairs)
+    groups = pair_groups(pairs)
     train_pairs = [pairs[i] for i in train_idx]
     eval_pairs = [pairs[i] for i in held_idx]
     members: list[dict[str, Any]] = []
@@ -89,7 +96,10 @@ def train_ensemble(cfg: RewardTrainingConfig, progress: bool = True) -> dict[str
         with torch_threads(cfg.torch_threads), make_progress(progress) as bar:
             for m in range(cfg.ensemble):
                 seed = cfg.seed + m
-                fitted = fit(cfg, train_pairs, eval_pairs, bar, seed=seed,
+                member_idx = (bootstrap_indices(groups, train_idx, seed) if cfg.bootstrap
+                              else train_idx)  # fmt: skip
+                member_pairs = [pairs[i] for i in member_idx]
+                fitted = fit(cfg, member_pairs, eval_pairs, bar, seed=seed,
                              label=f"member {m + 1}/{cfg.ensemble}")  # fmt: skip
                 report = finish(cfg, fitted, bar)
                 report["member"], report["member_seed"] = m, seed
@@ -103,6 +113,8 @@ def train_ensemble(cfg: RewardTrainingConfig, progress: bool = True) -> dict[str
                     {
                         "folder": f"members/{m}",
                         "seed": seed,
+                        "train_pairs": len(member_pairs),
+                        "distinct_train_pairs": len(set(member_idx)),
                         "eval_accuracy": report["eval_accuracy"],
                         "reward_mean": report["reward_mean"],
                         "reward_std": report["reward_std"],
@@ -122,7 +134,6 @@ def train_ensemble(cfg: RewardTrainingConfig, progress: bool = True) -> dict[str
             "config": cfg.model_dump(mode="json"),
         }
         if eval_pairs:
-            groups = pair_groups(pairs)
             evaluation = ensemble_evaluation(
                 torch.stack(margins), [groups[i] for i in held_idx], cfg.seed
             )
