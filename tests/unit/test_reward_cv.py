@@ -266,6 +266,7 @@ def test_cv_report_pools_every_pair_once(cv_run: dict, data: Path) -> None:
         assert fold["pairs"] == len(in_fold)
         assert fold["train_pairs"] == len(pairs) - len(in_fold)
         assert fold["accuracy"] == sum(o["margin"] > 0 for o in in_fold) / len(in_fold)
+        assert fold["seconds"] > 0
     assert report["accuracy_estimate"]["accuracy"] == cv["accuracy"]
     assert cv["accuracy"] > 0.7  # the preference is easy; chance is 0.5
 
@@ -336,6 +337,8 @@ def test_recipe_search_tests_the_chosen_recipe_on_pairs_it_never_saw(
     assert report["test"]["accuracy"] == (sum(m > 0 for m in report["test"]["margins"]) / len(test))
     md = render_markdown(report)
     assert "| slow" in md and "| fast" in md and f"Chosen: **{report['chosen']}**" in md
+    slow = report["recipes"][0]["cv"]["per_fold"]
+    assert f"| {sum(f['seconds'] for f in slow) / 2:.0f} |" in md  # the mean seconds a fold
 
 
 def test_a_stopped_search_resumes_from_the_recipes_it_finished(
@@ -363,7 +366,16 @@ def test_a_stopped_search_resumes_from_the_recipes_it_finished(
     (done / "b.json").write_text('{"key": "trunc')  # killed while writing b: b runs again
     again = search_recipes(data, recipes, done_dir=done, **args)
     assert ran == ["a", "b", "b"]
-    assert again["recipes"] == first["recipes"]  # a's kept CV, b's rerun, same as before
+
+    def outcomes(report: dict) -> list:  # all but the seconds each fold took
+        rows = json.loads(json.dumps(report["recipes"]))
+        for row in rows:
+            for fold in row["cv"]["per_fold"]:
+                fold.pop("seconds")
+        return rows
+
+    assert outcomes(again) == outcomes(first)  # a's kept CV, b's rerun, same as before
+    assert again["recipes"][0] == first["recipes"][0]  # a's kept as it was, seconds too
     changed = load_recipes(_recipes(tmp_path, {"a": {"learning_rate": 2e-3}}), base)
     search_recipes(data, changed, done_dir=done, **args)  # another recipe under a's name
     assert ran == ["a", "b", "b", "a"]

@@ -200,16 +200,18 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{len(report['test_pairs'])} held out for test (grouped by conversation), "
         f"grouped {report['folds']}-fold CV on the other {len(report['dev_pairs'])}.",
         "",
-        "| recipe | CV accuracy | 95 % interval | per-fold | fields |",
-        "|---|---|---|---|---|",
+        "| recipe | CV accuracy | 95 % interval | per-fold | seconds a fold | fields |",
+        "|---|---|---|---|---|---|",
     ]
     for row in report["recipes"]:
         cv = row["cv"]
         mark = " **(chosen)**" if row["name"] == report["chosen"] else ""
         folds = ", ".join(f"{f['accuracy']:.3f}" for f in cv["per_fold"])
         fields = ", ".join(f"{k}={v}" for k, v in row["recipe"].items() if k != "base_model")
+        seconds = [f["seconds"] for f in cv["per_fold"] if "seconds" in f]  # older kept CVs lack it
+        cost = f"{sum(seconds) / len(seconds):.0f}" if seconds else "n/a"
         lines.append(f"| {row['name']}{mark} | {cv['accuracy']:.4f} | {_interval(cv)} | "
-                     f"{folds} | {fields or '(defaults)'} |")  # fmt: skip
+                     f"{folds} | {cost} | {fields or '(defaults)'} |")  # fmt: skip
     test = report["test"]
     lines += [
         "",
