@@ -396,7 +396,7 @@ def run_controller(
                 eta = metrics["time/step_s"] * (config.total_steps - 1)
                 log(f"{controller}: first step {metrics['time/step_s']:.1f} s, ~{eta / 60:.1f} "
                     "min to go for this controller")  # fmt: skip
-            if step % args.judge_every == 0 or step == config.total_steps:
+            if step % args.judge_every == 0 or step in (config.total_steps, args.stop_at):
                 r = judge(trainer)
                 r["train_kl"] = metrics["objective/kl"]
                 r["train_proxy"] = metrics["objective/raw_scores"]
@@ -406,9 +406,21 @@ def run_controller(
 
         try:
             record(judge(trainer))
-            trainer.train(on_step=on_step)
+            trainer.train(on_step=on_step, stop_at=args.stop_at)
         finally:
             trainer.close()
+    return records
+
+
+def kept_records(path: Path, stop_at: int | None) -> list[dict[str, Any]]:
+    """A finished run's checkpoint records (run_controller's jsonl), those after `stop_at`
+    left out, so that it compares with runs stopped there."""
+    if not path.is_file():
+        raise SystemExit(f"--reuse: {path} does not exist (run that controller first)")
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = [r for r in records if stop_at is None or r["step"] <= stop_at]
+    if not records:
+        raise SystemExit(f"--reuse: {path} has no checkpoint up to step {stop_at}")
     return records
 
 
@@ -566,6 +578,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="adaptive's horizon in sequences (64: β moves up to 5 %% a step "
                    "at 16 sequences a step)")  # fmt: skip
     g.add_argument("--judge-every", type=int, default=4)
+    g.add_argument(
+        "--stop-at",
+        type=int,
+        default=None,
+        help="stop every run after this step; its config still says --steps, so "
+        "its steps are exactly the first ones of a full run (and of --reuse's)",
+    )
+    g.add_argument(
+        "--reuse",
+        nargs="*",
+        default=[],
+        choices=CONTROLLERS,
+        metavar="CONTROLLER",
+        help="take these controllers' checkpoints from OUTPUT/<controller>.jsonl of "
+        "an earlier run of the same settings (up to --stop-at) instead of running "
+        "them again",
+    )
     g.add_argument("--rollout-backend", default=None, help="vllm | transformers (default: auto)")
     g.add_argument("--torch-threads", type=int, default=None)
     ap.add_argument("--estimate-only", action="store_true",
@@ -617,6 +646,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     log(f"estimated time on {cpu_name()} ({os.cpu_count()} cores): reward models "
         f"~{est['reward_models_s'] / 60:.0f} min{reuse}, PPO ~{est['ppo_s'] / 60:.0f} min "
         f"({len(args.controllers)} runs x {args.steps} steps)")  # fmt: skip
+    bad = [c for c in args.reuse if c not in args.controllers]
+    if bad:
+        raise SystemExit(f"--reuse {' '.join(bad)}: not among --controllers")
+    if args.stop_at is not None and not 0 < args.stop_at <= args.steps:
+        raise SystemExit(f"--stop-at must be in 1..--steps ({args.steps}), got {args.stop_at}")
     if args.estimate_only:
         return {"estimate_s": est}
 
@@ -640,6 +674,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     seconds: dict[str, float] = {}
     try:
         for controller in args.controllers:
+            if controller in args.reuse:
+                runs[controller] = kept_records(out / f"{controller}.jsonl", args.stop_at)
+                seconds[controller] = runs[controller][-1]["elapsed_s"]
+                log(f"{controller}: {len(runs[controller])} checkpoints reused from "
+                    f"{out / f'{controller}.jsonl'}")  # fmt: skip
+                continue
             t = time.monotonic()
             runs[controller] = run_controller(args, controller, repo, proxy, judge, log)
             seconds[controller] = time.monotonic() - t
@@ -688,7 +728,8 @@ def summary_markdown(
     proxy = "MiniLM" if args.proxy_base is None else str(args.proxy_base)
     return (
         "### Reward overoptimization (Gao et al. 2022 setup)\n\n"
-        f"PPO ({config.advantage_estimator}, {config.total_steps} steps of {config.batch_size} "
+        f"PPO ({config.advantage_estimator}, {args.stop_at or config.total_steps} steps of "
+        f"{config.batch_size} "
         f"prompts × {config.samples_per_prompt} samples, {config.max_new_tokens} new tokens, "
         f"lr {config.learning_rate}, β {config.kl_coef}) on {config.policy} against a proxy "
         f"reward: an ensemble of {args.ensemble} {proxy} reward models ({rm(PROXY)}). At step 0 "

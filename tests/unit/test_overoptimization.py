@@ -105,3 +105,14 @@ def test_equal_kl_table_compares_gold_where_every_run_got() -> None:
 
 def test_no_common_kl_when_a_run_never_moved() -> None:
     assert oo.common_kl_grid({"a": [(0.0, 0.0), (3.0, 1.0)], "b": [(0.0, 0.0)]}) == []
+
+
+def test_reused_runs_are_cut_where_the_others_stopped(tmp_path: Path) -> None:
+    import json
+
+    path = tmp_path / "fixed.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "kl": s / 2}) + "\n" for s in (0, 4, 8, 12)))
+    assert [r["step"] for r in oo.kept_records(path, 8)] == [0, 4, 8]
+    assert [r["step"] for r in oo.kept_records(path, None)] == [0, 4, 8, 12]
+    with pytest.raises(SystemExit, match="does not exist"):
+        oo.kept_records(tmp_path / "adaptive.jsonl", 8)
