@@ -48,17 +48,18 @@ SMOLLM2_RM := $(REWARDSERVE_CACHE_DIR)/smollm2-135m-hh-harmless
 $(SMOLLM2_RM)/training_report.json: | $(DEFAULT_POLICY)/config.json
 	$(VENV)/bin/rewardserve train-rm --data $(HH_PAIRS) --output $(SMOLLM2_RM) \
 		--base-model $(DEFAULT_POLICY) --eval-fraction 0.2 --seed 0 --trainable-layers 2 \
-		--epochs 1 --learning-rate 1e-4 --no-eval-each-epoch
+		--epochs 1 --learning-rate 1e-4 --lr-schedule linear --no-eval-each-epoch
 smollm2-rm: models $(SMOLLM2_RM)/training_report.json
 
-# The ensemble reward model (models/minilm-hh-harmless-ensemble): five default-recipe members
-# (seeds 0-4), each on its own bootstrap resample of the same 80 % of conversations, measured
-# on the other 20 %. 22 minutes on one thread of a busy 2-core AMD EPYC.
+# The ensemble reward model (models/minilm-hh-harmless-ensemble): five members of the default
+# recipe with the linear decay it was measured with (seeds 0-4), each on its own bootstrap
+# resample of the same 80 % of conversations, measured on the other 20 %. 22 minutes on one
+# thread of a busy 2-core AMD EPYC.
 ENSEMBLE_RM := $(REWARDSERVE_CACHE_DIR)/minilm-hh-harmless-ensemble
 $(ENSEMBLE_RM)/training_report.json: | $(VENV)/.installed
 	$(VENV)/bin/rewardserve train-rm --data $(HH_PAIRS) --output $(ENSEMBLE_RM) \
 		--base-model $(MINILM) --eval-fraction 0.2 --seed 0 --ensemble 5 --bootstrap \
-		--no-eval-each-epoch
+		--lr-schedule linear --no-eval-each-epoch
 ensemble-rm: models $(ENSEMBLE_RM)/training_report.json
 
 # How the default recipe was chosen (README, "The default reward model"): the recipes of

@@ -1,8 +1,9 @@
 """Settings of one reward-model training run.
 
 The defaults are the run that builds the service's default model (all-MiniLM-L6-v2 on the
-1,850 HH-RLHF harmless-base pairs, about 10 minutes on 2 CPU cores); they were chosen by
-held-out pairwise accuracy within that time budget.
+1,850 HH-RLHF harmless-base pairs, about 3 minutes on 2 CPU cores): the recipe `make
+rm-recipes` chose by grouped cross-validation (benchmarks/rm_recipes.yaml, README "The
+default reward model").
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class RewardTrainingConfig(BaseModel):
     learning_rate: float = Field(1e-4, gt=0.0)
     """Peak AdamW learning rate, reached after warm-up and then decayed as lr_schedule says."""
 
-    lr_schedule: Literal["linear", "cosine", "constant"] = "linear"
+    lr_schedule: Literal["linear", "cosine", "constant"] = "cosine"
     """After warm-up: linear decay to zero, cosine decay to zero, or constant."""
 
     weight_decay: float = Field(0.01, ge=0.0)
