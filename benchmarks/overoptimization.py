@@ -608,6 +608,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from rewardserve.training.ppo.config import parse_overrides
 
     args = parse_args(argv)
+    bad = [c for c in args.reuse if c not in args.controllers]
+    if bad:  # refused before any data is split or model trained
+        raise SystemExit(f"--reuse {' '.join(bad)}: not among --controllers")
+    if args.stop_at is not None and not 0 < args.stop_at <= args.steps:
+        raise SystemExit(f"--stop-at must be in 1..--steps ({args.steps}), got {args.stop_at}")
     out: Path = args.output
     out.mkdir(parents=True, exist_ok=True)
 
@@ -646,11 +651,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     log(f"estimated time on {cpu_name()} ({os.cpu_count()} cores): reward models "
         f"~{est['reward_models_s'] / 60:.0f} min{reuse}, PPO ~{est['ppo_s'] / 60:.0f} min "
         f"({len(args.controllers)} runs x {args.steps} steps)")  # fmt: skip
-    bad = [c for c in args.reuse if c not in args.controllers]
-    if bad:
-        raise SystemExit(f"--reuse {' '.join(bad)}: not among --controllers")
-    if args.stop_at is not None and not 0 < args.stop_at <= args.steps:
-        raise SystemExit(f"--stop-at must be in 1..--steps ({args.steps}), got {args.stop_at}")
     if args.estimate_only:
         return {"estimate_s": est}
 
@@ -675,10 +675,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     try:
         for controller in args.controllers:
             if controller in args.reuse:
-                runs[controller] = kept_records(out / f"{controller}.jsonl", args.stop_at)
+                kept = out / f"{controller}.jsonl"
+                runs[controller] = kept_records(kept, args.stop_at)
                 seconds[controller] = runs[controller][-1]["elapsed_s"]
-                log(f"{controller}: {len(runs[controller])} checkpoints reused from "
-                    f"{out / f'{controller}.jsonl'}")  # fmt: skip
+                log(f"{controller}: {len(runs[controller])} checkpoints reused from {kept}")
                 continue
             t = time.monotonic()
             runs[controller] = run_controller(args, controller, repo, proxy, judge, log)

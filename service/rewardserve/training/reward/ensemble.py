@@ -88,7 +88,6 @@ def train_ensemble(cfg: RewardTrainingConfig, progress: bool = True) -> dict[str
     pairs = load_pairs(cfg.data)
     train_idx, held_idx = split_indices(pairs, cfg.eval_fraction, cfg.seed, cfg.max_pairs)
     groups = pair_groups(pairs)
-    train_pairs = [pairs[i] for i in train_idx]
     eval_pairs = [pairs[i] for i in held_idx]
     members: list[dict[str, Any]] = []
     margins: list[torch.Tensor] = []
@@ -126,7 +125,7 @@ def train_ensemble(cfg: RewardTrainingConfig, progress: bool = True) -> dict[str
             "ensemble": cfg.ensemble,
             "combine": COMBINE,
             "members": members,
-            "train_pairs": len(train_pairs),
+            "train_pairs": len(train_idx),
             "eval_pairs": len(eval_pairs),
             "eval_accuracy": None,
             "evaluation": None,
