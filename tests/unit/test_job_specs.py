@@ -256,6 +256,7 @@ CORPUS: list[tuple[str, dict[str, Any], type[Exception], str]] = [
     ("rm-zero-epochs", reward({"epochs": 0}), Unprocessable, "config.epochs"),
     ("rm-cv", reward({"cv_folds": 5}), Unprocessable, "config.cv_folds"),
     ("rm-ensemble", reward({"ensemble": 3}), Unprocessable, "config.ensemble"),
+    ("rm-bootstrap", reward({"bootstrap": True}), Unprocessable, "config.bootstrap"),
     ("rm-bad-name", reward({"name": "Bad Name"}), Unprocessable, "config.name"),
     ("rm-name-taken", reward({"name": "tiny-rm"}), Conflict, "config.name"),
     ("rm-no-base", reward({"base_model": "nope"}), Unprocessable, "config.base_model"),

@@ -261,15 +261,18 @@ class RewardJobConfig(RewardTrainingConfig):
     output: Path | None = None  # type: ignore[assignment]
     """Set by the service: the job's folder for the trained model before it is registered."""
 
-    @field_validator("cv_folds", "ensemble")
+    @field_validator("cv_folds", "ensemble", "bootstrap")
     @classmethod
-    def _one_model(cls, v: int | None, info: Any) -> int | None:
+    def _one_model(cls, v: int | bool | None, info: Any) -> int | bool | None:
         # A job trains and registers one model and counts its optimiser steps; cross-validation
-        # and ensembles are `rewardserve train-rm --cv / --ensemble`.
+        # and ensembles (bagged or not) are `rewardserve train-rm --cv / --ensemble`.
         if info.field_name == "cv_folds" and v is not None:
             raise ValueError("cross-validation is not a job: use rewardserve train-rm --cv")
         if info.field_name == "ensemble" and v != 1:
             raise ValueError("a reward job trains one model: use rewardserve train-rm --ensemble")
+        if info.field_name == "bootstrap" and v:
+            raise ValueError("a reward job trains one model; bootstrap resamples ensemble "
+                             "members: use train-rm --ensemble K --bootstrap")  # fmt: skip
         return v
 
 
